@@ -1,0 +1,42 @@
+"""icl-ser data layer: corpus readers, the synthetic corpus, episodic splits, feature cache.
+
+* :func:`read_corpus` - a corpus folder / manifest / the synthetic corpus as an utterance
+  table (``id, path, speaker, emotion, original_label, corpus, duration``).
+* :func:`build_episodes` - speaker-disjoint ``train/validation/test`` episodes
+  (:class:`IclSerEpisodes`, a ``datasets.GeneratorBasedBuilder``).
+* :class:`EpisodeSampler` - fresh, seeded, resumable training episodes.
+* :class:`FeatureCache` / :func:`encode_paths` - frozen-encoder outputs on disk.
+"""
+
+from .builder import EPISODE_FEATURES, IclSerEpisodes, IclSerEpisodesConfig, build_episodes
+from .corpora import CORPORA, UTTERANCE_FEATURES, CorpusReport, SkippedFile, read_corpus
+from .episodes import MODES, EpisodeSampler, SpeakerPool, build_pools
+from .feature_cache import FeatureCache, content_key_for_file, content_key_for_samples, encode_paths
+from .splits import split_speakers
+from .synthetic import SyntheticConfig, generate_corpus
+from .vocabulary import CANONICAL_EMOTIONS, normalize_emotion
+
+__all__ = [
+    "CANONICAL_EMOTIONS",
+    "CORPORA",
+    "EPISODE_FEATURES",
+    "MODES",
+    "UTTERANCE_FEATURES",
+    "CorpusReport",
+    "EpisodeSampler",
+    "FeatureCache",
+    "IclSerEpisodes",
+    "IclSerEpisodesConfig",
+    "SkippedFile",
+    "SpeakerPool",
+    "SyntheticConfig",
+    "build_episodes",
+    "build_pools",
+    "content_key_for_file",
+    "content_key_for_samples",
+    "encode_paths",
+    "generate_corpus",
+    "normalize_emotion",
+    "read_corpus",
+    "split_speakers",
+]

@@ -1,0 +1,212 @@
+"""The episodic-split dataset builder and :func:`build_episodes`.
+
+:class:`IclSerEpisodes` is a :class:`datasets.GeneratorBasedBuilder` configured by
+:class:`IclSerEpisodesConfig`; it reads a corpus, assigns its speakers to speaker-disjoint
+``train``/``validation``/``test`` splits and writes fixed, reproducible episodes for each.
+:func:`build_episodes` is the one-call front door.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import datasets
+from datasets.builder import Key
+
+from .corpora import check_corpus_name, read_corpus
+from .episodes import SpeakerPool, build_pools, check_mode, fixed_episodes, usable_pools
+from .splits import SPLITS, split_speakers
+from .synthetic import default_cache_root
+
+#: The columns of an episodes split.
+EPISODE_FEATURES = datasets.Features(
+    {
+        "episode_id": datasets.Value("string"),
+        "corpus": datasets.Value("string"),
+        "speaker": datasets.Value("string"),
+        "enrollment_ids": datasets.List(datasets.Value("string")),
+        "enrollment_labels": datasets.List(datasets.Value("string")),
+        "query_id": datasets.Value("string"),
+        "emotion": datasets.Value("string"),
+        "k": datasets.Value("int32"),
+        "mode": datasets.Value("string"),
+    }
+)
+
+
+@dataclass
+class IclSerEpisodesConfig(datasets.BuilderConfig):
+    """What episodes to build (every field keys the builder's cache).
+
+    Attributes:
+        corpus: A corpus name accepted by ``read_corpus``.
+        data_dir: The corpus folder / manifest (``None`` for ``synthetic``).
+        k: Enrollment utterances per episode.
+        mode: ``arbitrary``, ``balanced`` or ``exclude_query_class``.
+        episodes_per_speaker: Episodes per speaker and split; ``None`` makes every
+            eligible utterance the query once.
+        seed: Seed of the speaker assignment and the episodes.
+        validation_fraction, test_fraction: Speaker fractions held out (rounded, at least 1).
+        validation_speakers, test_speakers: Explicit held-out speakers (override fractions).
+        corpus_options: Generator options for ``synthetic`` (``SyntheticConfig`` fields).
+    """
+
+    corpus: str = "synthetic"
+    k: int = 4
+    mode: str = "arbitrary"
+    episodes_per_speaker: Optional[int] = None
+    seed: int = 0
+    validation_fraction: float = 0.15
+    test_fraction: float = 0.15
+    validation_speakers: Optional[tuple[str, ...]] = None
+    test_speakers: Optional[tuple[str, ...]] = None
+    corpus_options: Optional[dict[str, Any]] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # Checked here so that bad settings fail before any corpus is read.
+        check_corpus_name(self.corpus)
+        check_mode(self.mode)
+        if not isinstance(self.k, int) or self.k < 0:
+            raise ValueError(f"k must be an integer >= 0, got {self.k!r}.")
+        if self.episodes_per_speaker is not None and self.episodes_per_speaker < 1:
+            raise ValueError(f"episodes_per_speaker must be >= 1 or None, got {self.episodes_per_speaker}.")
+        if self.corpus != "synthetic" and self.data_dir is None:
+            raise ValueError(f"Corpus {self.corpus!r} needs data_dir= (its folder or manifest).")
+        if self.corpus != "synthetic" and self.corpus_options:
+            raise ValueError("corpus_options apply to the synthetic corpus only.")
+
+
+class IclSerEpisodes(datasets.GeneratorBasedBuilder):
+    """Speaker-disjoint episodic splits of one corpus (see :class:`IclSerEpisodesConfig`)."""
+
+    BUILDER_CONFIG_CLASS = IclSerEpisodesConfig
+    VERSION = datasets.Version("1.0.0")
+
+    #: An utterance table to use instead of reading the corpus again (set by build_episodes).
+    preloaded_utterances: Optional[datasets.Dataset] = None
+
+    def _info(self) -> datasets.DatasetInfo:
+        return datasets.DatasetInfo(
+            description=(
+                "icl-ser episodes: K enrollment (utterance id, emotion) pairs and one query utterance "
+                "of the same speaker; train/validation/test are speaker-disjoint."
+            ),
+            features=EPISODE_FEATURES,
+        )
+
+    def _split_generators(self, dl_manager: Any) -> list[datasets.SplitGenerator]:
+        config: IclSerEpisodesConfig = self.config
+        utterances = self.preloaded_utterances
+        if utterances is None:
+            utterances = read_corpus(config.corpus, config.data_dir, **(config.corpus_options or {}))
+        pools = build_pools(utterances)
+        assignment = split_speakers(
+            pools,
+            validation_fraction=config.validation_fraction,
+            test_fraction=config.test_fraction,
+            seed=config.seed,
+            validation_speakers=config.validation_speakers,
+            test_speakers=config.test_speakers,
+        )
+        usable = usable_pools(pools, config.k, config.mode)
+        generators = []
+        for split in SPLITS:
+            split_pools = [usable[s] for s in assignment[split] if s in usable]
+            if not split_pools:
+                raise ValueError(
+                    f"The {split} split is empty: none of its speakers {assignment[split]} has enough utterances "
+                    f"for k={config.k} in mode {config.mode!r}. Lower k or choose other {split} speakers."
+                )
+            generators.append(datasets.SplitGenerator(name=split, gen_kwargs={"split": split, "pools": split_pools}))
+        return generators
+
+    def _generate_examples(self, split: str, pools: list[SpeakerPool]) -> Iterator[tuple[Key, dict[str, Any]]]:
+        config: IclSerEpisodesConfig = self.config
+        counters: dict[str, int] = {}
+        episodes = fixed_episodes(
+            {pool.speaker: pool for pool in pools}, config.k, config.mode, config.seed, config.episodes_per_speaker
+        )
+        for index, episode in enumerate(episodes):
+            number = counters[episode["speaker"]] = counters.get(episode["speaker"], -1) + 1
+            episode_id = f"{split}/{episode['speaker']}/{number:05d}"
+            yield Key(0, index), {"episode_id": episode_id, "corpus": config.corpus, **episode}
+
+
+def _table_fingerprint(utterances: datasets.Dataset) -> str:
+    """A hash of the table's ids, speakers and labels: changes to the corpus rebuild the cache."""
+    digest = hashlib.sha256()
+    for column in ("id", "speaker", "emotion"):
+        digest.update("\x00".join(utterances[column]).encode("utf-8"))
+        digest.update(b"\x01")
+    return digest.hexdigest()[:16]
+
+
+def build_episodes(
+    corpus: str,
+    data_dir: Optional[Union[str, os.PathLike]] = None,
+    k: int = 4,
+    mode: str = "arbitrary",
+    episodes_per_speaker: Optional[int] = None,
+    seed: int = 0,
+    validation_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    validation_speakers: Optional[Sequence[str]] = None,
+    test_speakers: Optional[Sequence[str]] = None,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+    **corpus_options: Any,
+) -> datasets.DatasetDict:
+    """Build speaker-disjoint episodic ``train``/``validation``/``test`` splits of a corpus.
+
+    Args:
+        corpus: A corpus name (``ravdess, cremad, emodb, iemocap, esd, manifest, synthetic``).
+        data_dir: The corpus folder (or manifest); not needed for ``synthetic``.
+        k: Enrollment utterances per episode (0 is allowed).
+        mode: ``arbitrary``, ``balanced`` or ``exclude_query_class``.
+        episodes_per_speaker: Episodes per speaker; ``None`` (default) makes each eligible
+            utterance the query exactly once.
+        seed: Seed of the speaker assignment and of the episodes.
+        validation_fraction, test_fraction: Held-out speaker fractions (default 15%/15%,
+            rounded, at least one speaker each).
+        validation_speakers, test_speakers: Explicit held-out speakers instead.
+        cache_dir: Where the builder keeps its Arrow files (default
+            ``$ICL_SER_CACHE/episodes``).
+        **corpus_options: Options of the synthetic generator (``SyntheticConfig`` fields).
+
+    Returns:
+        A :class:`datasets.DatasetDict` with columns ``episode_id, corpus, speaker,
+        enrollment_ids, enrollment_labels, query_id, emotion, k, mode``.
+
+    Speakers with too few utterances for ``k`` (fewer than K + 1, or in
+    ``exclude_query_class`` fewer than K outside the query's emotion) are skipped with a
+    warning; a ``k`` no speaker allows, or a split left without speakers, is a ``ValueError``.
+    """
+    config_kwargs: dict[str, Any] = dict(
+        corpus=corpus,
+        k=k,
+        mode=mode,
+        episodes_per_speaker=episodes_per_speaker,
+        seed=seed,
+        validation_fraction=validation_fraction,
+        test_fraction=test_fraction,
+        validation_speakers=tuple(validation_speakers) if validation_speakers is not None else None,
+        test_speakers=tuple(test_speakers) if test_speakers is not None else None,
+        corpus_options=dict(corpus_options) or None,
+    )
+    if data_dir is not None:
+        config_kwargs["data_dir"] = os.path.abspath(os.fspath(data_dir))
+    IclSerEpisodesConfig(**config_kwargs)  # validate every setting before reading the corpus
+    utterances = read_corpus(corpus, config_kwargs.get("data_dir"), **corpus_options)
+    builder = IclSerEpisodes(
+        cache_dir=str(Path(cache_dir) if cache_dir is not None else default_cache_root() / "episodes"),
+        dataset_name="icl_ser_episodes",
+        hash=_table_fingerprint(utterances),
+        **config_kwargs,
+    )
+    builder.preloaded_utterances = utterances
+    builder.download_and_prepare()
+    return builder.as_dataset()

@@ -1,0 +1,277 @@
+"""Episodes: K enrollment (utterance, label) pairs and one query, all of one speaker.
+
+An episode references utterances by id (no audio is copied)::
+
+    {"speaker": "Actor_03", "enrollment_ids": [...], "enrollment_labels": [...],
+     "query_id": "...", "emotion": "<the query's emotion>", "k": 4, "mode": "balanced"}
+
+The query never appears among its own enrollment utterances. Enrollment modes:
+
+* ``arbitrary`` - K utterances drawn at random from the speaker's other utterances (labels
+  need not cover all emotions);
+* ``balanced`` - one utterance per emotion, cycling through the speaker's emotions in a
+  random order, so K enrollments cover ``min(K, n_emotions)`` emotions;
+* ``exclude_query_class`` - like ``arbitrary``, but no enrollment has the query's emotion.
+
+Evaluation uses fixed episodes (:func:`fixed_episodes`); training draws fresh ones on the
+fly with :class:`EpisodeSampler`. Both are deterministic functions of the seed: episode
+``i`` of a sampler and the episodes of a speaker each have their own random generator, so
+they do not depend on what else was drawn.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+MODES = ("arbitrary", "balanced", "exclude_query_class")
+
+# Salts keep the random streams of different uses apart for the same seed.
+_FIXED_SALT = 1_000_003
+_SAMPLER_SALT = 2_000_003
+
+
+def check_mode(mode: str) -> str:
+    """Return ``mode`` if it is an enrollment mode; raise ``ValueError`` naming them otherwise."""
+    if mode not in MODES:
+        raise ValueError(f"Unknown enrollment mode {mode!r}; use one of {', '.join(MODES)}.")
+    return mode
+
+
+def _speaker_seed(speaker: str) -> int:
+    return zlib.crc32(speaker.encode("utf-8"))
+
+
+@dataclass(frozen=True)
+class SpeakerPool:
+    """One speaker's utterances (ids sorted) and their emotions."""
+
+    speaker: str
+    ids: tuple[str, ...]
+    emotions: tuple[str, ...]
+
+    def max_k(self, mode: str) -> int:
+        """The largest K for which this speaker can form at least one episode in ``mode``."""
+        if mode == "exclude_query_class":
+            counts = Counter(self.emotions)
+            return len(self.ids) - min(counts.values())  # query from the rarest emotion
+        return len(self.ids) - 1
+
+    def query_candidates(self, k: int, mode: str) -> np.ndarray:
+        """Indices of the utterances that can be the query of a K-shot episode."""
+        if mode == "exclude_query_class":
+            counts = Counter(self.emotions)
+            return np.array([i for i, e in enumerate(self.emotions) if len(self.ids) - counts[e] >= k], dtype=int)
+        return np.arange(len(self.ids)) if len(self.ids) > k else np.array([], dtype=int)
+
+
+def build_pools(utterances: Iterable[Mapping[str, Any]]) -> dict[str, SpeakerPool]:
+    """Group an utterance table (rows with ``id``, ``speaker``, ``emotion``) by speaker."""
+    if hasattr(utterances, "column_names"):  # a datasets.Dataset: read the three columns at once
+        rows: Iterable[Mapping[str, Any]] = (
+            {"id": i, "speaker": s, "emotion": e}
+            for i, s, e in zip(utterances["id"], utterances["speaker"], utterances["emotion"])
+        )
+    else:
+        rows = utterances
+    grouped: dict[str, list[tuple[str, str]]] = {}
+    for row in rows:
+        grouped.setdefault(row["speaker"], []).append((row["id"], row["emotion"]))
+    pools = {}
+    for speaker, items in sorted(grouped.items()):
+        items.sort()
+        pools[speaker] = SpeakerPool(speaker, tuple(i for i, _ in items), tuple(e for _, e in items))
+    return pools
+
+
+def draw_enrollment(pool: SpeakerPool, query: int, k: int, mode: str, rng: np.random.Generator) -> list[int]:
+    """Indices of K enrollment utterances for ``query`` (never the query itself)."""
+    if mode == "exclude_query_class":
+        candidates = [i for i in range(len(pool.ids)) if pool.emotions[i] != pool.emotions[query]]
+    else:
+        candidates = [i for i in range(len(pool.ids)) if i != query]
+    if k > len(candidates):
+        raise ValueError(
+            f"Speaker {pool.speaker!r} has {len(candidates)} possible enrollment utterances for this query, "
+            f"fewer than k={k}; lower k."
+        )
+    if mode != "balanced":
+        return [int(i) for i in rng.choice(candidates, size=k, replace=False)]
+    # Balanced: shuffle each emotion's utterances, visit emotions in a random order, and
+    # take one from each in turn until K are chosen.
+    by_emotion: dict[str, list[int]] = {}
+    for i in candidates:
+        by_emotion.setdefault(pool.emotions[i], []).append(i)
+    order = [sorted(by_emotion)[j] for j in rng.permutation(len(by_emotion))]
+    queues = {e: [by_emotion[e][j] for j in rng.permutation(len(by_emotion[e]))] for e in order}
+    chosen: list[int] = []
+    while len(chosen) < k:
+        for emotion in order:
+            if queues[emotion] and len(chosen) < k:
+                chosen.append(queues[emotion].pop())
+    return [chosen[j] for j in rng.permutation(len(chosen))]  # no emotion order in the prompt
+
+
+def make_episode(pool: SpeakerPool, query: int, k: int, mode: str, rng: np.random.Generator) -> dict[str, Any]:
+    """One episode dict for ``query`` (an index into ``pool``)."""
+    enrollment = draw_enrollment(pool, query, k, mode, rng)
+    return {
+        "speaker": pool.speaker,
+        "enrollment_ids": [pool.ids[i] for i in enrollment],
+        "enrollment_labels": [pool.emotions[i] for i in enrollment],
+        "query_id": pool.ids[query],
+        "emotion": pool.emotions[query],
+        "k": k,
+        "mode": mode,
+    }
+
+
+def usable_pools(pools: Mapping[str, SpeakerPool], k: int, mode: str, context: str = "") -> dict[str, SpeakerPool]:
+    """The pools that allow K-shot episodes in ``mode``; the others are skipped with a warning.
+
+    Raises:
+        ValueError: if no speaker allows ``k`` (K is larger than any speaker allows).
+    """
+    usable = {s: p for s, p in pools.items() if p.max_k(mode) >= k}
+    skipped = sorted(set(pools) - set(usable))
+    if not usable:
+        best = max((p.max_k(mode) for p in pools.values()), default=0)
+        raise ValueError(
+            f"k={k} is larger than any speaker allows in mode {mode!r}{context} (at most k={best}); lower k."
+        )
+    if skipped:
+        logger.warning(
+            "Skipping %d speaker(s) with too few utterances for k=%d in mode %r%s: %s",
+            len(skipped), k, mode, context, ", ".join(skipped),
+        )
+    return usable
+
+
+def fixed_episodes(
+    pools: Mapping[str, SpeakerPool],
+    k: int,
+    mode: str,
+    seed: int = 0,
+    episodes_per_speaker: Optional[int] = None,
+) -> Iterator[dict[str, Any]]:
+    """Reproducible episodes for every pool (speakers in sorted order).
+
+    Each speaker's queries are its eligible utterances in a seeded random order: with
+    ``episodes_per_speaker=None`` every eligible utterance is the query once; with a number,
+    the order is cycled (reshuffled each pass) until that many episodes are made.
+    """
+    for speaker in sorted(pools):
+        pool = pools[speaker]
+        rng = np.random.default_rng([seed, _FIXED_SALT, _speaker_seed(speaker)])
+        candidates = pool.query_candidates(k, mode)
+        if len(candidates) == 0:
+            continue
+        count = len(candidates) if episodes_per_speaker is None else episodes_per_speaker
+        queries: list[int] = []
+        while len(queries) < count:
+            queries.extend(int(i) for i in rng.permutation(candidates))
+        for query in queries[:count]:
+            yield make_episode(pool, query, k, mode, rng)
+
+
+KRange = Union[int, tuple[int, int]]
+
+
+class EpisodeSampler:
+    """An endless, seeded stream of fresh training episodes from a set of speaker pools.
+
+    Each episode picks a speaker uniformly, K uniformly from ``k`` (an int or an inclusive
+    ``(low, high)`` range, e.g. ``(0, 8)``), a query uniformly among that speaker's eligible
+    utterances, and the enrollment by ``mode``. Episode ``i`` is a pure function of
+    ``(seed, i)``, so :meth:`state_dict` is just the position in the stream and a resumed
+    run continues exactly where it stopped.
+
+    Args:
+        utterances: The utterance table (a ``datasets.Dataset`` from ``read_corpus`` or any
+            rows with ``id``, ``speaker``, ``emotion``).
+        speakers: The speakers to draw from (e.g. the train split's); default all.
+        k: Fixed K or inclusive range.
+        mode: An enrollment mode (:data:`MODES`).
+        seed: Random seed.
+
+    Speakers too small for the largest K are skipped with a warning.
+
+    Raises:
+        ValueError: bad ``k`` or ``mode``, unknown speakers, or no speaker large enough.
+    """
+
+    def __init__(
+        self,
+        utterances: Iterable[Mapping[str, Any]],
+        speakers: Optional[Sequence[str]] = None,
+        k: KRange = (0, 8),
+        mode: str = "arbitrary",
+        seed: int = 0,
+    ) -> None:
+        self.mode = check_mode(mode)
+        low, high = (k, k) if isinstance(k, int) else (int(k[0]), int(k[1]))
+        if low < 0 or high < low:
+            raise ValueError(f"k must be an int >= 0 or a range (low, high) with 0 <= low <= high, got {k!r}.")
+        self.k_range = (low, high)
+        self.seed = int(seed)
+        pools = build_pools(utterances)
+        if speakers is not None:
+            unknown = sorted(set(speakers) - set(pools))
+            if unknown:
+                raise ValueError(f"Speakers {unknown} have no utterances in the table; pass speakers from it.")
+            pools = {s: pools[s] for s in sorted(set(speakers))}
+        if not pools:
+            raise ValueError("The utterance table is empty; the sampler needs at least one speaker.")
+        self.pools = usable_pools(pools, high, mode, context=" (EpisodeSampler)")
+        self._speakers = sorted(self.pools)
+        self._step = 0
+
+    def episode(self, index: int) -> dict[str, Any]:
+        """Episode number ``index`` of this sampler's stream (does not move the stream)."""
+        rng = np.random.default_rng([self.seed, _SAMPLER_SALT, index])
+        pool = self.pools[self._speakers[int(rng.integers(len(self._speakers)))]]
+        k = int(rng.integers(self.k_range[0], self.k_range[1] + 1))
+        candidates = pool.query_candidates(k, self.mode)
+        query = int(candidates[int(rng.integers(len(candidates)))])
+        return make_episode(pool, query, k, self.mode, rng)
+
+    def __iter__(self) -> "EpisodeSampler":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        episode = self.episode(self._step)
+        self._step += 1
+        return episode
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream position plus the settings it is only valid for."""
+        return {
+            "step": self._step,
+            "seed": self.seed,
+            "k_range": list(self.k_range),
+            "mode": self.mode,
+            "speakers": list(self._speakers),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the stream saved by :meth:`state_dict`.
+
+        Raises:
+            ValueError: if the state was saved by a sampler with other settings.
+        """
+        mine = self.state_dict()
+        for key in ("seed", "k_range", "mode", "speakers"):
+            saved = list(state[key]) if isinstance(state[key], (list, tuple)) else state[key]
+            if saved != mine[key]:
+                raise ValueError(
+                    f"Sampler state has {key}={state[key]!r} but this sampler has {mine[key]!r}; "
+                    "build the sampler with the settings of the saved run."
+                )
+        self._step = int(state["step"])

@@ -1,0 +1,33 @@
+"""icl-ser: few-shot personalized speech emotion recognition by in-context learning.
+
+Importing the package registers the model with the transformers Auto classes, and marks the
+config, model and processor for `register_for_auto_class`, so `save_pretrained` writes an
+`auto_map` and copies the code files next to the weights (load with `trust_remote_code=True`).
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor
+
+from .audio_utils import load_audio
+from .configuration_icl_ser import DEFAULT_LABELS, IclSerConfig
+from .modeling_icl_ser import IclSerForConditionalGeneration, IclSerPreTrainedModel, IclSerProjector
+from .processing_icl_ser import IclSerDataCollator, IclSerProcessor
+
+AutoConfig.register(IclSerConfig.model_type, IclSerConfig, exist_ok=True)
+AutoModel.register(IclSerConfig, IclSerForConditionalGeneration, exist_ok=True)
+AutoModelForCausalLM.register(IclSerConfig, IclSerForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(IclSerConfig, IclSerProcessor, exist_ok=True)
+
+IclSerConfig.register_for_auto_class()
+IclSerForConditionalGeneration.register_for_auto_class("AutoModel")
+IclSerProcessor.register_for_auto_class()
+
+__all__ = [
+    "DEFAULT_LABELS",
+    "IclSerConfig",
+    "IclSerDataCollator",
+    "IclSerForConditionalGeneration",
+    "IclSerPreTrainedModel",
+    "IclSerProcessor",
+    "IclSerProjector",
+    "load_audio",
+]

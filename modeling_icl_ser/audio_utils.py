@@ -1,0 +1,145 @@
+"""Audio input handling shared by the processor, the pipeline and the data layer.
+
+Every audio that enters icl-ser goes through :func:`load_audio`: it accepts a file path, a
+1-D/2-D numpy array or torch tensor (with ``sampling_rate=``) or the Hugging Face audio dict
+``{"array", "sampling_rate"}``, and returns mono float32 samples at the target rate.
+Decoding uses soundfile (WAV/FLAC/OGG without FFmpeg); resampling uses torchaudio.
+Problems raise ``ValueError`` naming the problem and the fix, before any model work.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+
+AudioInput = Union[str, os.PathLike, np.ndarray, torch.Tensor, dict]
+
+
+def _decode_file(path: Union[str, os.PathLike]) -> tuple[np.ndarray, int]:
+    import soundfile
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"Audio file not found: {path!r}. Pass an existing WAV/FLAC/OGG file path.")
+    try:
+        samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    except Exception as error:  # soundfile raises several types for corrupt files
+        raise ValueError(
+            f"Could not decode audio file {path!r} ({error}). Convert it to WAV or FLAC, "
+            "or pass the samples as an array with sampling_rate=."
+        ) from None
+    return samples.T, int(rate)  # (channels, samples)
+
+
+def _to_channels_first(samples: np.ndarray, source: str) -> np.ndarray:
+    if samples.ndim == 1:
+        return samples[None, :]
+    if samples.ndim != 2:
+        raise ValueError(
+            f"{source} has shape {tuple(samples.shape)}; expected 1-D (samples,) or 2-D "
+            "(channels, samples) / (samples, channels) audio."
+        )
+    # Channels are the short axis: (2, 48000) and (48000, 2) both mean stereo.
+    return samples if samples.shape[0] <= samples.shape[1] else samples.T
+
+
+def load_audio(
+    audio: AudioInput,
+    sampling_rate: Optional[int] = None,
+    target_sampling_rate: int = 16000,
+    max_seconds: Optional[float] = None,
+) -> np.ndarray:
+    """Return ``audio`` as mono float32 samples at ``target_sampling_rate``.
+
+    Args:
+        audio: A file path, a numpy array or tensor of samples (1-D, or 2-D with a channel
+            axis), or a dict with ``"array"`` and ``"sampling_rate"`` (as ``datasets.Audio``
+            yields; a ``"path"`` alone is read from disk).
+        sampling_rate: The rate of a raw array or tensor. Required for those; for files and
+            dicts it must agree with the stored rate if given.
+        target_sampling_rate: The rate to resample to.
+        max_seconds: If given, audio longer than this raises ``ValueError`` with the limit.
+
+    Raises:
+        ValueError: missing/unreadable file, missing ``sampling_rate``, empty audio,
+            NaN/inf samples, a bad shape or dict, or audio longer than ``max_seconds``.
+    """
+    source = "audio"
+    if isinstance(audio, dict):
+        if audio.get("array") is not None:
+            if "sampling_rate" not in audio:
+                raise ValueError('An audio dict needs both "array" and "sampling_rate" keys.')
+            samples, rate = audio["array"], audio["sampling_rate"]
+        elif audio.get("path"):
+            samples, rate = _decode_file(audio["path"])
+        else:
+            raise ValueError(
+                'An audio dict needs "array" and "sampling_rate" (or a readable "path"); '
+                f"got keys {sorted(audio)}."
+            )
+    elif isinstance(audio, (str, os.PathLike)):
+        source = f"audio file {os.fspath(audio)!r}"
+        samples, rate = _decode_file(audio)
+        if sampling_rate is not None and int(sampling_rate) != rate:
+            raise ValueError(
+                f"{source} is stored at {rate} Hz but sampling_rate={sampling_rate} was given; "
+                "drop sampling_rate for files (it is read from the file)."
+            )
+    elif isinstance(audio, (np.ndarray, torch.Tensor)):
+        if sampling_rate is None:
+            raise ValueError(
+                "A raw audio array needs its sampling rate: pass sampling_rate=16000 (or the "
+                'actual rate), or a dict {"array": ..., "sampling_rate": ...}.'
+            )
+        samples, rate = audio, sampling_rate
+    else:
+        raise ValueError(
+            f"Unsupported audio input of type {type(audio).__name__}; pass a file path, a numpy "
+            'array or tensor with sampling_rate=, or {"array": ..., "sampling_rate": ...}.'
+        )
+
+    if isinstance(samples, torch.Tensor):
+        samples = samples.detach().cpu().numpy()
+    samples = np.asarray(samples, dtype=np.float32)
+    if rate is None or int(rate) <= 0:
+        raise ValueError(f"Invalid sampling rate {rate!r} for {source}; it must be a positive integer.")
+    rate = int(rate)
+    samples = _to_channels_first(samples, source)
+    if samples.shape[1] == 0:
+        raise ValueError(f"{source} is empty (zero samples); pass at least a few milliseconds of audio.")
+    if not np.isfinite(samples).all():
+        raise ValueError(f"{source} contains NaN or infinite samples; clean or replace the audio.")
+    if max_seconds is not None and samples.shape[1] / rate > max_seconds:
+        raise ValueError(
+            f"{source} is {samples.shape[1] / rate:.1f} s long; the encoder takes at most "
+            f"{max_seconds:g} s per utterance. Cut it into shorter utterances first."
+        )
+
+    mono = samples.mean(axis=0)
+    if rate != target_sampling_rate:
+        import torchaudio.functional
+
+        mono = torchaudio.functional.resample(
+            torch.from_numpy(mono), orig_freq=rate, new_freq=target_sampling_rate
+        ).numpy()
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def audio_duration(path: Union[str, os.PathLike]) -> float:
+    """Duration in seconds of an audio file, read from its header (no decoding)."""
+    import soundfile
+
+    info = soundfile.info(os.fspath(path))
+    return info.frames / float(info.samplerate)
+
+
+def describe(audio: Any) -> str:
+    """A short human-readable name for an audio input, for error messages."""
+    if isinstance(audio, (str, os.PathLike)):
+        return repr(os.fspath(audio))
+    if isinstance(audio, dict):
+        return f"audio dict with keys {sorted(audio)}"
+    return type(audio).__name__

@@ -1,0 +1,119 @@
+"""Configuration of the icl-ser speech-language model (speech encoder → projector → causal LM)."""
+
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# Emotion vocabulary shared by the corpora the data layer maps onto.
+DEFAULT_LABELS = ["anger", "calm", "disgust", "fear", "happiness", "neutral", "sadness", "surprise"]
+
+DEFAULT_INSTRUCTION = "Classify the speaker's emotion as one of: {labels}.\n"
+DEFAULT_ENROLLMENT = "Speech: {audio} Emotion:{answer}"
+DEFAULT_QUERY = "Speech: {audio} Emotion:"
+DEFAULT_ANSWER = " {label}\n"
+DEFAULT_AUDIO_TOKEN = "<|audio|>"
+
+# Encoders whose frame features and masks the model knows how to compute.
+WHISPER_MODEL_TYPES = ("whisper",)
+WAV2VEC2_MODEL_TYPES = ("wav2vec2", "hubert", "wavlm", "wav2vec2-conformer", "data2vec-audio", "unispeech-sat")
+
+# Small defaults (like llava's) so `IclSerConfig()` builds a model; real runs pass real sub-configs.
+_DEFAULT_AUDIO = {
+    "d_model": 384,
+    "encoder_layers": 4,
+    "encoder_attention_heads": 6,
+    "encoder_ffn_dim": 1536,
+    "decoder_layers": 1,
+    "decoder_attention_heads": 6,
+    "decoder_ffn_dim": 1536,
+    "num_mel_bins": 80,
+}
+_DEFAULT_TEXT = {
+    "hidden_size": 512,
+    "intermediate_size": 1376,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "vocab_size": 32000,
+}
+
+
+class IclSerConfig(PretrainedConfig):
+    r"""Configuration of [`IclSerForConditionalGeneration`].
+
+    Args:
+        audio_config: Config of the speech encoder (Whisper, WavLM, HuBERT, Wav2Vec2, ...), as a
+            config object or a dict with `model_type`. Defaults to a small Whisper encoder.
+        text_config: Config of the causal LM, as a config object or a dict with `model_type`.
+            Defaults to a small Llama.
+        num_audio_tokens: LM tokens each utterance is pooled into (equal time segments).
+        audio_pooling: `"mean"` or `"mean_std"` (mean and standard deviation per segment).
+        projector_hidden_size: Hidden width of the projector MLP (default: the LM width).
+        labels: Default emotion vocabulary (candidate labels when none are given).
+        instruction_template: First prompt line; `{labels}` is replaced by the candidate labels
+            joined by `label_separator`.
+        enrollment_template: One enrollment line; `{audio}` marks the audio placeholders and
+            `{answer}` the answer (formatted with `answer_template`).
+        query_template: The query line; `{audio}` marks the audio placeholders.
+        answer_template: The answer text; `{label}` is the label (also the scored candidate text).
+        label_separator: Joins the labels in the instruction.
+        audio_token: Placeholder token; each utterance occupies `num_audio_tokens` of them.
+        audio_token_id: Its id in the tokenizer (set by the processor/builder). It may lie outside
+            the LM vocabulary: the model never looks it up in the embedding table.
+        max_audio_seconds: Longest utterance the processor accepts.
+    """
+
+    model_type = "icl_ser"
+    sub_configs_defaults = {
+        "audio_config": SubConfigSpec(config_class=AutoConfig, model_type="whisper", init_kwargs=_DEFAULT_AUDIO),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama", init_kwargs=_DEFAULT_TEXT),
+    }
+
+    audio_config: dict | PretrainedConfig | None = None
+    text_config: dict | PretrainedConfig | None = None
+    num_audio_tokens: int = 8
+    audio_pooling: str = "mean_std"
+    projector_hidden_size: int | None = None
+    labels: list[str] | None = None
+    instruction_template: str = DEFAULT_INSTRUCTION
+    enrollment_template: str = DEFAULT_ENROLLMENT
+    query_template: str = DEFAULT_QUERY
+    answer_template: str = DEFAULT_ANSWER
+    label_separator: str = ", "
+    audio_token: str = DEFAULT_AUDIO_TOKEN
+    audio_token_id: int | None = None
+    max_audio_seconds: float = 30.0
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.labels is None:
+            self.labels = list(DEFAULT_LABELS)
+        self.labels = list(self.labels)
+        self.validate_settings()
+
+    def validate_settings(self) -> None:
+        """Raise `ValueError` for settings the model cannot work with."""
+        if self.audio_pooling not in ("mean", "mean_std"):
+            raise ValueError(f'audio_pooling must be "mean" or "mean_std", got {self.audio_pooling!r}.')
+        if int(self.num_audio_tokens) < 1:
+            raise ValueError(f"num_audio_tokens must be >= 1, got {self.num_audio_tokens}.")
+        if not self.labels or len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels must be a non-empty list of distinct strings, got {self.labels!r}.")
+        audio_type = getattr(self.audio_config, "model_type", None)
+        if audio_type not in WHISPER_MODEL_TYPES + WAV2VEC2_MODEL_TYPES:
+            raise ValueError(
+                f"Unsupported audio encoder model_type {audio_type!r}; use one of "
+                f"{', '.join(WHISPER_MODEL_TYPES + WAV2VEC2_MODEL_TYPES)}."
+            )
+        for name, marker in (("enrollment_template", "{audio}"), ("enrollment_template", "{answer}"),
+                             ("query_template", "{audio}"), ("answer_template", "{label}")):
+            if marker not in getattr(self, name):
+                raise ValueError(f"{name} must contain {marker}, got {getattr(self, name)!r}.")
+
+    @property
+    def is_whisper_encoder(self) -> bool:
+        """True when the audio encoder is Whisper-style (log-mel input, conv stem, fixed positions)."""
+        return self.audio_config.model_type in WHISPER_MODEL_TYPES
+
+
+__all__ = ["IclSerConfig", "DEFAULT_LABELS"]

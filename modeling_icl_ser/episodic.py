@@ -1,0 +1,161 @@
+"""Episodes → model inputs, shared by train.py and eval.py.
+
+An episode (from :mod:`dataset_builder`) names utterances by id. This module turns episodes
+into examples for :class:`IclSerDataCollator` — with cached frozen-encoder outputs when the
+encoder is frozen, or with audio paths when it is trained — and scores them with
+``model.classify``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .modeling_icl_ser import IclSerForConditionalGeneration
+from .processing_icl_ser import IclSerDataCollator, IclSerProcessor
+
+if TYPE_CHECKING:
+    import datasets
+
+
+class EncodedUtterances:
+    """Frozen-encoder outputs of a corpus' utterances, looked up by utterance id.
+
+    Encodes every utterance of ``utterances`` once (through the on-disk
+    :class:`dataset_builder.FeatureCache` when ``cache_dir`` is given, so a later run or
+    another process reuses them) and keeps the valid frames of each in memory.
+
+    Args:
+        model: The model whose audio encoder produces the features.
+        processor: Its processor (feature extraction).
+        utterances: Rows with ``id`` and ``path`` (the table from ``read_corpus``).
+        cache_dir: Root of the on-disk feature cache; ``None`` keeps features in memory only.
+        batch_size: Utterances encoded per encoder call.
+        show_progress: Show a progress bar while encoding.
+    """
+
+    def __init__(
+        self,
+        model: IclSerForConditionalGeneration,
+        processor: IclSerProcessor,
+        utterances: Iterable[Mapping[str, Any]],
+        cache_dir: Optional[Union[str, os.PathLike]] = None,
+        batch_size: int = 16,
+        show_progress: bool = True,
+    ) -> None:
+        from dataset_builder import FeatureCache, encode_paths
+
+        rows = list(utterances)
+        self.encoder_id = model.audio_encoder_fingerprint()
+        cache = FeatureCache(cache_dir, self.encoder_id) if cache_dir is not None else None
+        paths = [row["path"] for row in rows]
+        progress = tqdm(total=len(paths), desc="encoding utterances", disable=not show_progress)
+
+        @torch.no_grad()
+        def encode(arrays: list[np.ndarray]) -> list[torch.Tensor]:
+            inputs = processor.audio_inputs(arrays)
+            device = next(model.parameters()).device
+            hidden, mask = model.get_audio_features(
+                torch.as_tensor(inputs["input_features"], device=device),
+                torch.as_tensor(inputs["feature_attention_mask"], device=device),
+            )
+            progress.update(len(arrays))
+            return [h[m].float().cpu() for h, m in zip(hidden, mask)]
+
+        features = encode_paths(cache, paths, encode, batch_size=batch_size, sampling_rate=processor.sampling_rate)
+        progress.close()
+        self.features: dict[str, torch.Tensor] = {row["id"]: f for row, f in zip(rows, features)}
+
+    def __getitem__(self, utterance_id: str) -> torch.Tensor:
+        return self.features[utterance_id]
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+
+def episode_example(
+    episode: Mapping[str, Any],
+    paths: Mapping[str, str],
+    encoded: Optional[EncodedUtterances] = None,
+) -> dict[str, Any]:
+    """One episode as an :class:`IclSerDataCollator` example.
+
+    With ``encoded``, the example carries cached encoder outputs; otherwise audio paths.
+    """
+    enrollment_ids, labels = list(episode["enrollment_ids"]), list(episode["enrollment_labels"])
+    if encoded is not None:
+        return {
+            "query_hidden_states": encoded[episode["query_id"]],
+            "enrollment_hidden_states": [encoded[i] for i in enrollment_ids],
+            "enrollment_labels": labels,
+            "answer": episode["emotion"],
+        }
+    return {
+        "query": paths[episode["query_id"]],
+        "enrollment": [(paths[i], label) for i, label in zip(enrollment_ids, labels)],
+        "answer": episode["emotion"],
+    }
+
+
+@torch.no_grad()
+def predict_episodes(
+    model: IclSerForConditionalGeneration,
+    collator: IclSerDataCollator,
+    episodes: Sequence[Mapping[str, Any]],
+    paths: Mapping[str, str],
+    labels: Sequence[str],
+    encoded: Optional[EncodedUtterances] = None,
+    batch_size: int = 8,
+    show_progress: bool = False,
+    description: str = "episodes",
+) -> np.ndarray:
+    """Class probabilities ``(n_episodes, len(labels))`` of ``model.classify`` on episodes.
+
+    Raises:
+        ValueError: an episode's query or enrollment label is not in ``labels``.
+    """
+    unknown = sorted(
+        {e["emotion"] for e in episodes} | {l for e in episodes for l in e["enrollment_labels"]}
+    ) if episodes else []
+    unknown = [label for label in unknown if label not in set(labels)]
+    if unknown:
+        raise ValueError(
+            f"Episodes use labels {unknown} that are not in the label set {list(labels)}; "
+            "pass --labels including them (or evaluate on a corpus with this label set)."
+        )
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    probabilities = []
+    for start in tqdm(range(0, len(episodes), batch_size), desc=description, disable=not show_progress):
+        batch = collator([episode_example(e, paths, encoded) for e in episodes[start : start + batch_size]])
+        batch = {name: value.to(device) for name, value in batch.items()}
+        probabilities.append(model.classify(**batch).float().cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(probabilities) if probabilities else np.zeros((0, len(labels)))
+
+
+def with_audio_paths(episodes: "datasets.Dataset", utterances: "datasets.Dataset") -> "datasets.Dataset":
+    """Add collator fields to an episodic split: ``query`` (path), ``enrollment``, ``answer``.
+
+    The result feeds ``transformers.Trainer`` with ``IclSerDataCollator`` (set
+    ``remove_unused_columns=False``)::
+
+        train = with_audio_paths(build_episodes("synthetic")["train"], read_corpus("synthetic"))
+        Trainer(model, args, train_dataset=train, data_collator=IclSerDataCollator(processor))
+    """
+    paths = dict(zip(utterances["id"], utterances["path"]))
+
+    def attach(episode: dict) -> dict:
+        return {
+            "query": paths[episode["query_id"]],
+            "enrollment": {"audio": [paths[i] for i in episode["enrollment_ids"]], "label": episode["enrollment_labels"]},
+            "answer": episode["emotion"],
+        }
+
+    return episodes.map(attach)

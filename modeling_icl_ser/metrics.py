@@ -1,0 +1,115 @@
+"""Emotion-recognition metrics: UA, WA and macro-F1 as an ``evaluate`` metric, plus bootstrap CIs.
+
+UA (unweighted accuracy) is the mean over emotions of each emotion's recall, the field's
+headline number because emotion classes are unbalanced; WA (weighted accuracy) is plain
+accuracy. Classes are those present in the references, so a test set without an emotion
+is not penalised for it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import datasets
+import evaluate
+import numpy as np
+
+
+def _scores(predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
+    """UA, WA and macro-F1 over the classes present in ``references``."""
+    recalls, f1s = [], []
+    for label in np.unique(references):
+        true_positive = np.sum((predictions == label) & (references == label))
+        predicted = np.sum(predictions == label)
+        recall = true_positive / np.sum(references == label)
+        precision = true_positive / predicted if predicted else 0.0
+        recalls.append(recall)
+        f1s.append(0.0 if recall + precision == 0 else 2 * precision * recall / (precision + recall))
+    return {
+        "ua": float(np.mean(recalls)),
+        "wa": float(np.mean(predictions == references)),
+        "macro_f1": float(np.mean(f1s)),
+    }
+
+
+class EmotionRecognitionMetrics(evaluate.Metric):
+    """``evaluate`` metric returning ``{"ua", "wa", "macro_f1"}`` for string labels.
+
+    Example:
+        >>> metric = EmotionRecognitionMetrics()
+        >>> metric.compute(predictions=["anger", "fear"], references=["anger", "anger"])
+        {'ua': 0.5, 'wa': 0.5, 'macro_f1': 0.666...}
+    """
+
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description="Unweighted accuracy (macro recall), weighted accuracy and macro-F1.",
+            citation="",
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
+        )
+
+    def _compute(self, predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+        predictions, references = np.asarray(predictions), np.asarray(references)
+        if len(references) == 0:
+            raise ValueError("No references to score: evaluate at least one episode.")
+        return _scores(predictions, references)
+
+
+def unweighted_accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """UA of one set of predictions (macro recall over the emotions in ``references``)."""
+    return EmotionRecognitionMetrics().compute(predictions=list(predictions), references=list(references))["ua"]
+
+
+def bootstrap_ci(
+    predictions: Sequence[str],
+    references: Sequence[str],
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap confidence intervals of UA, WA and macro-F1 over episodes."""
+    predictions, references = np.asarray(predictions), np.asarray(references)
+    rng = np.random.default_rng(seed)
+    resampled = []
+    for _ in range(n_resamples):
+        index = rng.integers(0, len(references), len(references))
+        resampled.append(_scores(predictions[index], references[index]))
+    alpha = (1.0 - confidence) / 2
+    return {
+        name: tuple(float(q) for q in np.quantile([r[name] for r in resampled], [alpha, 1.0 - alpha]))
+        for name in ("ua", "wa", "macro_f1")
+    }
+
+
+def per_speaker_ua(
+    predictions: Sequence[str], references: Sequence[str], speakers: Sequence[str]
+) -> dict[str, float]:
+    """UA of each speaker's episodes, for the fairness view (min and spread across speakers)."""
+    predictions, references, speakers = map(np.asarray, (predictions, references, speakers))
+    return {
+        str(speaker): _scores(predictions[speakers == speaker], references[speakers == speaker])["ua"]
+        for speaker in np.unique(speakers)
+    }
+
+
+def summarize(
+    predictions: Sequence[str],
+    references: Sequence[str],
+    speakers: Optional[Sequence[str]] = None,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """All numbers eval.py and train.py report for one method/setting, in one dict."""
+    scores = EmotionRecognitionMetrics().compute(predictions=list(predictions), references=list(references))
+    for name, interval in bootstrap_ci(predictions, references, n_resamples, seed=seed).items():
+        scores[f"{name}_ci"] = interval
+    scores["n_episodes"] = len(references)
+    if speakers is not None:
+        by_speaker = per_speaker_ua(predictions, references, speakers)
+        values = np.asarray(list(by_speaker.values()))
+        scores["per_speaker_ua"] = by_speaker
+        scores["speaker_ua_min"] = float(values.min())
+        scores["speaker_ua_std"] = float(values.std())
+    return scores

@@ -1,0 +1,422 @@
+"""icl-ser: a speech encoder, a pooling projector and a causal LM that labels a query utterance
+from a speaker's enrollment (utterance, emotion) pairs given in context.
+
+Transformers model-file idiom with relative imports only, so that a saved checkpoint runs with
+``trust_remote_code=True`` where this package is not installed.
+"""
+
+import hashlib
+import json
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from transformers.utils.deprecation import deprecate_kwarg
+
+from .configuration_icl_ser import IclSerConfig
+
+# Bumped whenever the encoder pass below changes what features it computes (feature-cache key).
+_ENCODER_PASS_VERSION = "icl_ser-encoder-v1"
+# Config keys that do not change what the encoder computes.
+_FINGERPRINT_IGNORED_KEYS = ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype")
+
+
+class IclSerProjector(nn.Module):
+    """Pools each utterance's valid frames into `num_audio_tokens` time segments and maps them to
+    the LM width (Linear → GELU → Linear).
+
+    Segment `s` of an utterance with `n` valid frames covers frames `[floor(s·n/S), floor((s+1)·n/S))`,
+    widened to at least one frame, so utterances shorter than `S` frames still give `S` tokens.
+    """
+
+    def __init__(self, config: IclSerConfig):
+        super().__init__()
+        self.num_audio_tokens = config.num_audio_tokens
+        self.use_std = config.audio_pooling == "mean_std"
+        audio_width = config.audio_config.hidden_size
+        text_width = config.text_config.hidden_size
+        hidden = config.projector_hidden_size or text_width
+        self.linear_1 = nn.Linear(audio_width * (2 if self.use_std else 1), hidden)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(hidden, text_width)
+
+    def segment_weights(self, mask: torch.Tensor) -> torch.Tensor:
+        """(n_audio, frames) validity mask → (n_audio, S, frames) 0/1 segment membership."""
+        lengths = mask.long().sum(-1, keepdim=True)  # (N, 1)
+        seg = torch.arange(self.num_audio_tokens, device=mask.device)[None, :]  # (1, S)
+        start = torch.div(seg * lengths, self.num_audio_tokens, rounding_mode="floor")
+        end = torch.div((seg + 1) * lengths, self.num_audio_tokens, rounding_mode="floor")
+        end = torch.maximum(end, start + 1)  # short utterances: every segment keeps >= 1 frame
+        frames = torch.arange(mask.shape[-1], device=mask.device)[None, None, :]
+        return ((frames >= start[..., None]) & (frames < end[..., None])).float()
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Masked mean (and std) per segment: (N, T, D) → (N, S, D or 2D), in float32."""
+        weights = self.segment_weights(mask)
+        counts = weights.sum(-1, keepdim=True)
+        # Padded frames get weight 0; zero them too so non-finite padding cannot leak in.
+        hidden = hidden.float().masked_fill(~mask.bool()[..., None], 0.0)
+        mean = weights @ hidden / counts
+        if not self.use_std:
+            return mean
+        var = (weights @ hidden.square() / counts - mean.square()).clamp_min(0.0)
+        return torch.cat([mean, torch.sqrt(var + 1e-6)], dim=-1)  # eps keeps grads finite at var=0
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(N, T, D) encoder frames + (N, T) mask → (N, num_audio_tokens, LM width)."""
+        pooled = self.pool(hidden, mask).to(self.linear_1.weight.dtype)
+        return self.linear_2(self.act(self.linear_1(pooled)))
+
+
+class IclSerPreTrainedModel(PreTrainedModel):
+    """Base class: config class, weight init and capability flags of icl-ser models."""
+
+    config_class = IclSerConfig
+    config: IclSerConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    input_modalities = ("audio", "text")
+    supports_gradient_checkpointing = True
+    # Sub-models (encoder, LM) add their own no-split layers when the model is built.
+    _no_split_modules = []
+    _skip_keys_device_placement = ["cache"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+
+class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
+    """Speech encoder → [`IclSerProjector`] → causal LM, for in-context emotion labelling.
+
+    The processor writes `config.num_audio_tokens` placeholder tokens (`config.audio_token_id`)
+    per utterance; `forward` replaces their embeddings with the projected audio tokens of the
+    batch's audios, which are stacked sample after sample (each sample's enrollment audios, then
+    its query) in the same order as the placeholders appear in `input_ids`.
+    """
+
+    def __init__(self, config: IclSerConfig):
+        super().__init__(config)
+        if config.is_whisper_encoder:
+            self.audio_tower = WhisperEncoder(config.audio_config)  # encoder only, no decoder weights
+        else:
+            self.audio_tower = AutoModel.from_config(config.audio_config)
+        self.projector = IclSerProjector(config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+
+    # ----------------------------------------------------------------- embeddings / plumbing
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.get_decoder()
+
+    # ----------------------------------------------------------------------------- audio
+    def get_audio_features(
+        self, input_features: torch.Tensor, feature_attention_mask: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the speech encoder on a batch of utterances, at their own length.
+
+        Args:
+            input_features: Whisper log-mel features `(n_audio, n_mels, frames)`, or raw
+                normalized waveforms `(n_audio, samples)` for wav2vec2-family encoders; padded
+                at the end.
+            feature_attention_mask: `(n_audio, frames or samples)`, 1 for valid input, 0 for
+                padding (valid input must come first). Defaults to all valid.
+
+        Returns:
+            `(hidden, hidden_mask)`: encoder frames `(n_audio, T, D)` and their validity mask
+            `(n_audio, T)` (bool). An utterance's valid frames do not depend on the others.
+        """
+        if feature_attention_mask is None:
+            feature_attention_mask = torch.ones(
+                input_features.shape[0], input_features.shape[-1], dtype=torch.long, device=input_features.device
+            )
+        if self.config.is_whisper_encoder:
+            return self._whisper_features(input_features, feature_attention_mask)
+        return self._wav2vec2_features(input_features, feature_attention_mask)
+
+    def _whisper_features(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        encoder = self.audio_tower
+        max_frames = encoder.max_source_positions * encoder.conv1.stride[0] * encoder.conv2.stride[0]
+        if features.shape[-1] > max_frames:
+            raise ValueError(
+                f"input_features have {features.shape[-1]} frames; this Whisper encoder takes at most "
+                f"{max_frames} (30 s). Cut the audio into shorter utterances."
+            )
+        dtype = encoder.conv1.weight.dtype
+        mel_mask = mask.to(device=features.device, dtype=dtype)[:, None, :]
+        # Zeroing padding before each conv makes a padded batch see exactly the zeros that the
+        # conv's own zero-padding gives an unpadded utterance, so valid frames are unchanged.
+        hidden = features.to(dtype) * mel_mask
+        hidden = nn.functional.gelu(encoder.conv1(hidden)) * mel_mask
+        hidden = nn.functional.gelu(encoder.conv2(hidden)).permute(0, 2, 1)
+        frame_mask = mask[:, ::2].to(hidden.device)  # conv2 (stride 2, pad 1) keeps ceil(L/2) frames
+        # Positions are sliced to the utterance length: no padding to 30 s.
+        hidden = hidden + encoder.embed_positions.weight[: hidden.shape[1]].to(dtype)
+        hidden = nn.functional.dropout(hidden, p=encoder.dropout, training=self.training)
+        attention_mask = create_bidirectional_mask(
+            config=encoder.config, inputs_embeds=hidden, attention_mask=frame_mask.bool()
+        )
+        for layer in encoder.layers:
+            if self.training and encoder.layerdrop > 0 and torch.rand([]) < encoder.layerdrop:
+                continue
+            hidden = layer(hidden, attention_mask)
+        return encoder.layer_norm(hidden), frame_mask.bool()
+
+    def _wav2vec2_features(self, values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = next(self.audio_tower.parameters()).dtype
+        mask = mask.to(values.device).long()
+        hidden = self.audio_tower(input_values=values.to(dtype), attention_mask=mask).last_hidden_state
+        hidden_mask = self.audio_tower._get_feature_vector_attention_mask(hidden.shape[1], mask)
+        return hidden, hidden_mask.bool()
+
+    def audio_encoder_fingerprint(self) -> str:
+        """A stable hex digest of the audio encoder's config, weights and featurization code.
+
+        The data layer keys its frozen-feature cache on it: equal fingerprints mean equal
+        encoder outputs. Hashes every encoder weight, so it takes a moment for large encoders.
+        """
+        settings = {k: v for k, v in self.config.audio_config.to_dict().items() if k not in _FINGERPRINT_IGNORED_KEYS}
+        digest = hashlib.sha256(_ENCODER_PASS_VERSION.encode())
+        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+        for name, tensor in sorted(self.audio_tower.state_dict().items()):
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    # --------------------------------------------------------------------------- merging
+    def _count_audios(
+        self, input_features: Optional[torch.Tensor], audio_hidden_states: Optional[torch.Tensor]
+    ) -> int:
+        if input_features is not None and audio_hidden_states is not None:
+            raise ValueError("Pass either input_features or audio_hidden_states, not both.")
+        source = input_features if input_features is not None else audio_hidden_states
+        return 0 if source is None else source.shape[0]
+
+    def _check_placeholders(self, input_ids: torch.Tensor, n_audio: int) -> torch.Tensor:
+        """Return the placeholder mask; raise before any encoder work if counts disagree."""
+        audio_token_id = self.config.audio_token_id
+        if audio_token_id is None:
+            if n_audio:
+                raise ValueError("config.audio_token_id is not set; build the model with its processor's token id.")
+            return torch.zeros_like(input_ids, dtype=torch.bool)
+        placeholders = input_ids == audio_token_id
+        n_found, per_audio = int(placeholders.sum()), self.config.num_audio_tokens
+        if n_found != n_audio * per_audio:
+            raise ValueError(
+                f"input_ids hold {n_found} audio placeholder tokens but {n_audio} audio(s) were given, which "
+                f"need {n_audio * per_audio} ({per_audio} per audio). Build inputs with IclSerProcessor so "
+                "each utterance gets exactly config.num_audio_tokens placeholders."
+            )
+        return placeholders
+
+    def _embed_with_audio(
+        self,
+        input_ids: torch.Tensor,
+        input_features: Optional[torch.Tensor],
+        feature_attention_mask: Optional[torch.Tensor],
+        audio_hidden_states: Optional[torch.Tensor],
+        audio_hidden_mask: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        placeholders = self._check_placeholders(input_ids, self._count_audios(input_features, audio_hidden_states))
+        # The placeholder id may lie outside the LM vocabulary: look up a valid id instead.
+        embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
+        if not placeholders.any():
+            return embeds
+        if input_features is not None:
+            hidden, hidden_mask = self.get_audio_features(input_features, feature_attention_mask)
+        else:
+            hidden = audio_hidden_states
+            hidden_mask = audio_hidden_mask
+            if hidden_mask is None:
+                hidden_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        if (hidden_mask.sum(-1) == 0).any():
+            raise ValueError("An audio has no valid encoder frames; every utterance needs at least one frame.")
+        audio_tokens = self.projector(hidden.to(embeds.device), hidden_mask.to(embeds.device))
+        # Row-major order of the placeholders = sample after sample, audio after audio.
+        return embeds.masked_scatter(placeholders[..., None], audio_tokens.to(embeds.dtype))
+
+    @staticmethod
+    def _positions_from_mask(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """Left padding: positions count valid tokens only; the last `seq_len` are returned."""
+        positions = attention_mask.long().cumsum(-1) - 1
+        positions = positions.masked_fill(attention_mask == 0, 1)
+        return positions[:, -seq_len:]
+
+    # --------------------------------------------------------------------------- forward
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        input_features: Optional[torch.Tensor] = None,
+        feature_attention_mask: Optional[torch.Tensor] = None,
+        audio_hidden_states: Optional[torch.Tensor] = None,
+        audio_hidden_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        cache: Optional[Cache] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        logits_to_keep: Union[int, torch.Tensor] = 0,
+        candidate_input_ids: Optional[torch.LongTensor] = None,
+        candidate_attention_mask: Optional[torch.Tensor] = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""Language-model pass with the audio tokens spliced in.
+
+        Args:
+            input_ids: `(batch, seq)` left-padded prompt ids with audio placeholders.
+            attention_mask: `(batch, past + seq)` 1 for real tokens; position ids follow it.
+            input_features / feature_attention_mask: audio of all samples, stacked sample after
+                sample (enrollment audios, then the query); see `get_audio_features`.
+            audio_hidden_states / audio_hidden_mask: cached encoder outputs `(n_audio, T, D)` and
+                `(n_audio, T)`, used instead of `input_features` (frozen-encoder training).
+            labels: `(batch, seq)` targets, -100 except on answer tokens → shifted LM loss.
+            position_ids: Defaults to positions counted from `attention_mask`.
+            cache: Key/value cache (`past_key_values` is accepted as its old name).
+            candidate_input_ids / candidate_attention_mask: Accepted and ignored, so one
+                processor output feeds both `forward` and `classify`.
+
+        Raises:
+            ValueError: placeholder count ≠ `num_audio_tokens` × number of audios, or both
+                `input_features` and `audio_hidden_states` given.
+        """
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("Pass input_ids (or inputs_embeds).")
+            inputs_embeds = self._embed_with_audio(
+                input_ids, input_features, feature_attention_mask, audio_hidden_states, audio_hidden_mask
+            )
+        elif input_features is not None or audio_hidden_states is not None:
+            raise ValueError("Audio inputs need input_ids (to find the placeholders), not inputs_embeds.")
+        if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
+            position_ids = self._positions_from_mask(attention_mask, inputs_embeds.shape[1])
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            labels=labels,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+    # --------------------------------------------------------------------------- classify
+    @torch.no_grad()
+    def classify(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        candidate_input_ids: torch.LongTensor,
+        candidate_attention_mask: Optional[torch.Tensor] = None,
+        input_features: Optional[torch.Tensor] = None,
+        feature_attention_mask: Optional[torch.Tensor] = None,
+        audio_hidden_states: Optional[torch.Tensor] = None,
+        audio_hidden_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        **unused,
+    ) -> torch.Tensor:
+        """Closed-set probabilities of the candidate labels for each sample.
+
+        Each candidate (the tokens of its answer text, e.g. `" happiness\\n"`) is scored by its
+        mean token log-likelihood after the prompt; a softmax over candidates gives the result.
+        The prompt runs once; its key/value cache is repeated over the candidates, which then
+        run together in one cached pass.
+
+        Args:
+            input_ids, attention_mask, input_features, ...: the processor's (left-padded) prompt
+                batch, as for `forward`. `labels` (training targets) is ignored.
+            candidate_input_ids: `(n_labels, L)` shared by the batch, or `(batch, n_labels, L)`;
+                right-padded.
+            candidate_attention_mask: Same shape, 1 for real candidate tokens.
+
+        Returns:
+            `(batch, n_labels)` probabilities (rows sum to 1), in the candidates' order.
+        """
+        batch = input_ids.shape[0]
+        cands, cand_mask = self._expand_candidates(candidate_input_ids, candidate_attention_mask, batch)
+        if not bool((attention_mask[:, -1] == 1).all()):
+            raise ValueError("classify needs left-padded prompts (the last position of every row must be a token).")
+        n_labels, cand_len = cands.shape[1], cands.shape[2]
+
+        prompt = self(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            input_features=input_features,
+            feature_attention_mask=feature_attention_mask,
+            audio_hidden_states=audio_hidden_states,
+            audio_hidden_mask=audio_hidden_mask,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        first_logp = prompt.logits[:, -1].float().log_softmax(-1).repeat_interleave(n_labels, 0)  # (B*C, V)
+        cache = prompt.cache
+        cache.batch_repeat_interleave(n_labels)  # row b*C + c continues prompt b with candidate c
+
+        flat_ids = cands.reshape(batch * n_labels, cand_len)
+        flat_mask = cand_mask.reshape(batch * n_labels, cand_len)
+        prompt_mask = attention_mask.repeat_interleave(n_labels, 0)
+        positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(cand_len, device=flat_ids.device)
+        rest = self.language_model(
+            input_ids=flat_ids,
+            attention_mask=torch.cat([prompt_mask, flat_mask.to(prompt_mask.dtype)], dim=-1),
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+        )
+        # Token j of a candidate is predicted by the prompt end (j = 0) or candidate token j-1.
+        step_logp = torch.cat([first_logp[:, None], rest.logits[:, :-1].float().log_softmax(-1)], dim=1)
+        token_logp = step_logp.gather(-1, flat_ids[..., None]).squeeze(-1) * flat_mask
+        scores = token_logp.sum(-1) / flat_mask.sum(-1)
+        return scores.view(batch, n_labels).softmax(-1)
+
+    @staticmethod
+    def _expand_candidates(
+        ids: torch.Tensor, mask: Optional[torch.Tensor], batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if mask is None:
+            mask = torch.ones_like(ids)
+        if ids.ndim == 2:
+            ids, mask = ids[None].expand(batch, -1, -1), mask[None].expand(batch, -1, -1)
+        if ids.ndim != 3 or ids.shape[0] != batch or ids.shape != mask.shape:
+            raise ValueError(
+                "candidate_input_ids must be (n_labels, L) or (batch, n_labels, L) with a mask of the same "
+                f"shape; got {tuple(ids.shape)} and {tuple(mask.shape)} for batch {batch}."
+            )
+        if ids.shape[1] == 0 or bool((mask.sum(-1) == 0).any()):
+            raise ValueError("Every candidate label needs at least one token; pass non-empty labels.")
+        return ids, mask.float()
+
+    # --------------------------------------------------------------------------- generation
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs):
+        """Audio (features, cached encoder outputs and their masks) is used on the prefill step
+        only; later steps reuse the cache. Candidate tensors are dropped (classify-only)."""
+        kwargs.pop("candidate_input_ids", None)
+        kwargs.pop("candidate_attention_mask", None)
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            for key in ("input_features", "feature_attention_mask", "audio_hidden_states", "audio_hidden_mask"):
+                kwargs.pop(key, None)
+        return super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+
+
+__all__ = ["IclSerPreTrainedModel", "IclSerForConditionalGeneration", "IclSerProjector"]

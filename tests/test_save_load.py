@@ -1,0 +1,81 @@
+"""save_pretrained → from_pretrained(trust_remote_code=True) in a process that cannot import the package."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import torch
+
+_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["modeling_icl_ser"] = None  # the package must not be importable
+    import numpy as np, torch
+    from transformers import AutoModel, AutoProcessor
+    ckpt, audio_path, out_path = sys.argv[1:4]
+    model = AutoModel.from_pretrained(ckpt, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(ckpt, trust_remote_code=True)
+    audio = np.load(audio_path)
+    inputs = processor(query=[audio[0], audio[1]], enrollment=[[(audio[2], "calm")], []], sampling_rate=16000)
+    with torch.no_grad():
+        probs = model.classify(**inputs)
+        logits = model(**inputs).logits[:, -1]
+    json.dump({"probs": probs.tolist(), "logits": logits.tolist(), "cls": type(model).__name__,
+               "module": type(model).__module__, "labels": processor.labels,
+               "ids": inputs["input_ids"].tolist()}, open(out_path, "w"))
+    """
+)
+
+
+def test_round_trip_in_clean_subprocess(tiny, make_audio, tmp_path):
+    model, processor = tiny
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    processor.save_pretrained(ckpt)
+    files = set(os.listdir(ckpt))
+    assert "model.safetensors" in files and not any(f.endswith(".bin") for f in files)
+    assert {"configuration_icl_ser.py", "modeling_icl_ser.py", "processing_icl_ser.py", "audio_utils.py"} <= files
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_icl_ser.IclSerForConditionalGeneration"
+    proc_config = json.loads((ckpt / "processor_config.json").read_text())
+    assert proc_config["num_audio_tokens"] == processor.num_audio_tokens
+    assert proc_config["labels"] == processor.labels
+
+    audio = np.stack([make_audio(1.2, seed=1), make_audio(1.2, seed=2), make_audio(1.2, seed=3)])
+    np.save(tmp_path / "audio.npy", audio)
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONSAFEPATH="1")
+    result = subprocess.run(
+        [sys.executable, str(script), str(ckpt), str(tmp_path / "audio.npy"), str(tmp_path / "out.json")],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["cls"] == "IclSerForConditionalGeneration"
+    assert not out["module"].startswith("modeling_icl_ser")  # loaded from the copied remote code
+    assert out["labels"] == processor.labels
+
+    inputs = processor(query=[audio[0], audio[1]], enrollment=[[(audio[2], "calm")], []], sampling_rate=16000)
+    assert out["ids"] == inputs["input_ids"].tolist()
+    with torch.no_grad():
+        probs = model.classify(**inputs)
+        logits = model(**inputs).logits[:, -1]
+    torch.testing.assert_close(torch.tensor(out["probs"]), probs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.tensor(out["logits"]), logits, atol=1e-5, rtol=1e-5)
+
+
+def test_in_process_reload_keeps_weights(tiny, tmp_path):
+    from modeling_icl_ser import IclSerForConditionalGeneration
+
+    model, _ = tiny
+    model.save_pretrained(tmp_path)
+    again = IclSerForConditionalGeneration.from_pretrained(tmp_path)
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name

