@@ -74,7 +74,7 @@ class FeatureCache:
 
     def path_for(self, content_key: str) -> Path:
         """Where the entry of ``content_key`` lives."""
-        if not content_key or any(c in content_key for c in "/\\.") :
+        if not content_key or any(c in content_key for c in "/\\."):
             raise ValueError(f"Invalid content key {content_key!r}; use content_key_for_file/_for_samples.")
         return self.folder / content_key[:2] / f"{content_key}.safetensors"
 

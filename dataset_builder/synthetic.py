@@ -25,14 +25,16 @@ slow, dark, breathy; ...). Every speaker has its **own permutation** ``pi_s`` of
 emotions (one without 2-cycles, so no two emotions of a speaker ever coincide), and renders
 emotion ``e`` with the pattern::
 
-    (1 - speaker_specificity) * pattern[e] + speaker_specificity * pattern[pi_s(e)]
-        + speaker_offset_s + variability * noise
+    cos(a) * pattern[e] + sin(a) * pattern[pi_s(e)] + speaker_offset_s + variability * noise
+    with a = speaker_specificity * pi / 2
 
 plus the speaker's own voice (base pitch, vocal-tract length, tilt, breathiness, rate).
 ``speaker_specificity`` is the difficulty knob: at 0 every speaker expresses emotions the
 same way (a speaker-independent classifier works); at 1 the pattern an emotion gets is a
 speaker's private convention (speaker-independent accuracy falls to chance, while a few
-labelled utterances of the same speaker still identify each emotion).
+labelled utterances of the same speaker still identify each emotion). The default 0.6 gives
+a speaker-independent classifier about 0.32 accuracy (chance 0.17) against 0.71 for
+prototypes from K=8 enrollment utterances of the same speaker (``bench/synthetic_gap.py``).
 
 Files are written as FLAC under ``$ICL_SER_CACHE/synthetic/<parameter hash>/`` (default
 cache ``~/.cache/icl_ser``) with a ``manifest.jsonl``; generation writes into a temporary
