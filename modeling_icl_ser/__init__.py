@@ -3,6 +3,8 @@
 Importing the package registers the model with the transformers Auto classes, and marks the
 config, model and processor for `register_for_auto_class`, so `save_pretrained` writes an
 `auto_map` and copies the code files next to the weights (load with `trust_remote_code=True`).
+It also registers the `"icl-speech-emotion"` pipeline; `save_with_pipeline` writes a checkpoint
+that carries it (see docs/PIPELINE.md).
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor
@@ -10,6 +12,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProces
 from .audio_utils import load_audio
 from .configuration_icl_ser import DEFAULT_LABELS, IclSerConfig
 from .modeling_icl_ser import IclSerForConditionalGeneration, IclSerPreTrainedModel, IclSerProjector
+from .pipeline_icl_ser import IclSpeechEmotionPipeline, SpeakerProfile, register_pipeline, save_with_pipeline
 from .processing_icl_ser import IclSerDataCollator, IclSerProcessor
 
 AutoConfig.register(IclSerConfig.model_type, IclSerConfig, exist_ok=True)
@@ -20,6 +23,7 @@ AutoProcessor.register(IclSerConfig, IclSerProcessor, exist_ok=True)
 IclSerConfig.register_for_auto_class()
 IclSerForConditionalGeneration.register_for_auto_class("AutoModel")
 IclSerProcessor.register_for_auto_class()
+register_pipeline()
 
 __all__ = [
     "DEFAULT_LABELS",
@@ -29,5 +33,8 @@ __all__ = [
     "IclSerPreTrainedModel",
     "IclSerProcessor",
     "IclSerProjector",
+    "IclSpeechEmotionPipeline",
+    "SpeakerProfile",
     "load_audio",
+    "save_with_pipeline",
 ]

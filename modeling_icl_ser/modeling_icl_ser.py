@@ -22,8 +22,28 @@ from .configuration_icl_ser import IclSerConfig
 
 # Bumped whenever the encoder pass below changes what features it computes (feature-cache key).
 _ENCODER_PASS_VERSION = "icl_ser-encoder-v1"
-# Config keys that do not change what the encoder computes.
-_FINGERPRINT_IGNORED_KEYS = ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype")
+# Bumped whenever the model's prompt pass changes what a speaker profile's cache holds.
+_MODEL_FINGERPRINT_VERSION = "icl_ser-model-v1"
+# Config keys that do not change what the model computes.
+_FINGERPRINT_IGNORED_KEYS = (
+    "transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype", "auto_map", "custom_pipelines",
+)
+
+
+def _fingerprint(version: str, config, module: nn.Module) -> str:
+    """sha256 over a version tag, a config's settings and a module's weights (names, dtypes, shapes, bytes)."""
+    def settings_of(values: dict) -> dict:
+        return {k: settings_of(v) if isinstance(v, dict) else v
+                for k, v in values.items() if k not in _FINGERPRINT_IGNORED_KEYS}
+
+    settings = settings_of(config.to_dict())
+    digest = hashlib.sha256(version.encode())
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class IclSerProjector(nn.Module):
@@ -193,14 +213,16 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         The data layer keys its frozen-feature cache on it: equal fingerprints mean equal
         encoder outputs. Hashes every encoder weight, so it takes a moment for large encoders.
         """
-        settings = {k: v for k, v in self.config.audio_config.to_dict().items() if k not in _FINGERPRINT_IGNORED_KEYS}
-        digest = hashlib.sha256(_ENCODER_PASS_VERSION.encode())
-        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-        for name, tensor in sorted(self.audio_tower.state_dict().items()):
-            tensor = tensor.detach().cpu().contiguous()
-            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
+        return _fingerprint(_ENCODER_PASS_VERSION, self.config.audio_config, self.audio_tower)
+
+    def fingerprint(self) -> str:
+        """A stable hex digest of the whole model: its config and every weight (with dtypes).
+
+        Anything computed from the model's hidden states (e.g. a speaker profile's key/value
+        cache) is only valid for a model with the same fingerprint. Hashes every weight, so it
+        takes a moment for large models; callers cache it.
+        """
+        return _fingerprint(_MODEL_FINGERPRINT_VERSION, self.config, self)
 
     # --------------------------------------------------------------------------- merging
     def _count_audios(
@@ -334,6 +356,7 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         audio_hidden_states: Optional[torch.Tensor] = None,
         audio_hidden_mask: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
+        cache: Optional[Cache] = None,
         **unused,
     ) -> torch.Tensor:
         """Closed-set probabilities of the candidate labels for each sample.
@@ -349,6 +372,10 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
             candidate_input_ids: `(n_labels, L)` shared by the batch, or `(batch, n_labels, L)`;
                 right-padded.
             candidate_attention_mask: Same shape, 1 for real candidate tokens.
+            cache: Key/value cache of a prompt prefix already run for every row (e.g. a speaker's
+                instruction and enrollment lines); `input_ids` then hold only the rest of the prompt
+                and `attention_mask` covers `prefix + input_ids`. The cache is extended in place
+                (pass a fresh one per call). Scores equal those of the whole prompt in one pass.
 
         Returns:
             `(batch, n_labels)` probabilities (rows sum to 1), in the candidates' order.
@@ -357,6 +384,12 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         cands, cand_mask = self._expand_candidates(candidate_input_ids, candidate_attention_mask, batch)
         if not bool((attention_mask[:, -1] == 1).all()):
             raise ValueError("classify needs left-padded prompts (the last position of every row must be a token).")
+        past = 0 if cache is None else cache.get_seq_length()
+        if attention_mask.shape[1] != past + input_ids.shape[1]:
+            raise ValueError(
+                f"attention_mask has {attention_mask.shape[1]} positions but the cached prefix ({past}) plus "
+                f"input_ids ({input_ids.shape[1]}) have {past + input_ids.shape[1]}; it must cover both."
+            )
         n_labels, cand_len = cands.shape[1], cands.shape[2]
 
         prompt = self(
@@ -366,6 +399,7 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
             feature_attention_mask=feature_attention_mask,
             audio_hidden_states=audio_hidden_states,
             audio_hidden_mask=audio_hidden_mask,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )

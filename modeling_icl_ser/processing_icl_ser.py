@@ -275,14 +275,31 @@ class IclSerProcessor(ProcessorMixin):
         """Token ids of one sample's prompt: instruction, enrollment lines, query line."""
         return self._prompt(enrollment_labels, candidates)[0]
 
-    def _prompt(self, enrollment_labels: list[str], candidates: list[str]) -> tuple[list[int], list[int]]:
-        """Prompt ids and the enrollment answers' ids as targets (-100 elsewhere)."""
+    def prefix_ids(self, enrollment_labels: list[str], candidates: list[str]) -> list[int]:
+        """Token ids of the speaker-specific prompt prefix: instruction and enrollment lines.
+
+        `prompt_ids(...) == prefix_ids(...) + query_ids()`, so the prefix's key/value cache can
+        be computed once per speaker and reused for every query (see the pipeline's profiles).
+        """
+        return self._prefix(enrollment_labels, candidates)[0]
+
+    def query_ids(self) -> list[int]:
+        """Token ids of the query line; the same for every query (`num_audio_tokens` placeholders)."""
+        return self._render(self.query_template, [])[0]
+
+    def _prefix(self, enrollment_labels: list[str], candidates: list[str]) -> tuple[list[int], list[int]]:
+        """Prefix ids and the enrollment answers' ids as targets (-100 elsewhere)."""
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
         ids = bos + self._piece(self.instruction_template.format(labels=self.label_separator.join(candidates)))
         targets = [-100] * len(ids)
         for label in enrollment_labels:
             line, line_targets = self._render(self.enrollment_template, self.answer_ids(label))
             ids, targets = ids + line, targets + line_targets
+        return ids, targets
+
+    def _prompt(self, enrollment_labels: list[str], candidates: list[str]) -> tuple[list[int], list[int]]:
+        """Prompt ids and the enrollment answers' ids as targets (-100 elsewhere)."""
+        ids, targets = self._prefix(enrollment_labels, candidates)
         query, query_targets = self._render(self.query_template, [])
         return ids + query, targets + query_targets
 
@@ -315,13 +332,19 @@ class IclSerProcessor(ProcessorMixin):
             if any(answer is None for answer in answers):
                 raise ValueError("Give an answer for every sample of a training batch, or for none.")
             out["labels"] = np.array([[-100] * (width - len(t)) + t for t in targets], dtype=np.int64)
+        return {**out, **self.candidate_inputs(candidates)}
+
+    def candidate_inputs(self, candidates: list[str]) -> dict[str, np.ndarray]:
+        """Right-padded answer ids of the candidate labels (`candidate_input_ids`/`_attention_mask`)."""
+        pad = self._pad_id()
         cands = [self.answer_ids(label) for label in candidates]
         cand_width = max(len(c) for c in cands)
-        out["candidate_input_ids"] = np.array([c + [pad] * (cand_width - len(c)) for c in cands], dtype=np.int64)
-        out["candidate_attention_mask"] = np.array(
-            [[1] * len(c) + [0] * (cand_width - len(c)) for c in cands], dtype=np.int64
-        )
-        return out
+        return {
+            "candidate_input_ids": np.array([c + [pad] * (cand_width - len(c)) for c in cands], dtype=np.int64),
+            "candidate_attention_mask": np.array(
+                [[1] * len(c) + [0] * (cand_width - len(c)) for c in cands], dtype=np.int64
+            ),
+        }
 
     def _pad_id(self) -> int:
         for token_id in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
