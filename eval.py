@@ -1,0 +1,566 @@
+#!/usr/bin/env python
+"""Evaluate few-shot personalized SER methods on the fixed TEST episodes of a corpus.
+
+Every method sees the same frozen-encoder features of the same test episodes (K enrollment
+utterances of a test speaker + one query of that speaker), for each K and enrollment mode:
+
+    si, si_norm, si_finetune, prototypes, speaker_embedding   (modeling_icl_ser/baselines.py)
+    slm_no_icl   the speech LM trained without ICL (train.py --k_min 0 --k_max 0), --baseline_model
+    icl          the meta-trained ICL model, --model
+
+    python eval.py --model outputs/icl-ser/final --corpus ravdess --data_dir ../shared/data/ravdess \
+        --methods all --k 0 1 2 4 8 --mode arbitrary --output_dir outputs/eval-ravdess
+    python eval.py --corpus ravdess --data_dir ... --methods baselines      # no LM: offline Whisper encoder
+    python eval.py --tiny --corpus synthetic --methods baselines            # tiny random encoder (tests)
+
+``--methods all`` means the five baselines plus ``icl`` (with ``--model``) and ``slm_no_icl``
+(with ``--baseline_model``); ``baselines`` means the five baselines. Baselines use the encoder of
+``--model`` when given, else ``--audio_encoder`` (default: the offline Whisper tiny.en), or the
+tiny random model's with ``--tiny``. The speaker split is train.py's (same seed / explicit
+lists), so test speakers are never trained on. Writes ``results.json``, ``results.md``,
+``predictions.jsonl``, PNG plots and a filled model card ``README.md`` to ``--output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+from transformers import HfArgumentParser
+
+logger = logging.getLogger("icl_ser.eval")
+REPO_ROOT = Path(__file__).resolve().parent
+
+BASELINE_METHODS = ("si", "si_norm", "si_finetune", "prototypes", "speaker_embedding")
+LM_METHODS = ("slm_no_icl", "icl")
+METHODS = BASELINE_METHODS + LM_METHODS
+METHOD_TITLES = {
+    "si": "SI (speaker-independent)",
+    "si_norm": "SI + speaker normalization",
+    "si_finetune": "SI + fine-tuning on enrollment",
+    "prototypes": "Prototypes (nearest class mean)",
+    "speaker_embedding": "SI + speaker embedding",
+    "slm_no_icl": "Speech LM without ICL training",
+    "icl": "ICL (meta-trained, proposed)",
+}
+
+
+@dataclass
+class EvalArguments:
+    """Evaluation settings (every field is a command-line flag)."""
+
+    # what to evaluate
+    model: Optional[str] = field(default=None, metadata={"help": "Folder of the meta-trained icl-ser model (method icl)."})
+    baseline_model: Optional[str] = field(default=None, metadata={"help": "Folder of a model trained with --k_min 0 --k_max 0 (method slm_no_icl)."})
+    methods: list[str] = field(default_factory=lambda: ["all"], metadata={"help": f"Any of {', '.join(METHODS)}, 'baselines' or 'all'."})
+    audio_encoder: Optional[str] = field(default=None, metadata={"help": "Encoder for the baselines without --model (default: offline Whisper tiny.en)."})
+    tiny: bool = field(default=False, metadata={"help": "Baselines on the tiny random model's encoder (tests)."})
+    # data
+    corpus: str = field(default="synthetic", metadata={"help": "ravdess, cremad, emodb, iemocap, esd, manifest or synthetic."})
+    data_dir: Optional[str] = field(default=None, metadata={"help": "Corpus folder (or manifest); not needed for synthetic."})
+    corpus_options: Optional[str] = field(default=None, metadata={"help": "Synthetic generator options as JSON."})
+    labels: Optional[list[str]] = field(default=None, metadata={"help": "Label set (default: the corpus' emotions)."})
+    validation_speakers: Optional[list[str]] = field(default=None, metadata={"help": "Explicit validation speakers (as in train.py)."})
+    test_speakers: Optional[list[str]] = field(default=None, metadata={"help": "Explicit test speakers (as in train.py)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the speaker split and the episodes (train.py's --seed)."})
+    # sweep
+    k: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8], metadata={"help": "Enrollment sizes K."})
+    mode: list[str] = field(default_factory=lambda: ["arbitrary"], metadata={"help": "arbitrary, balanced and/or exclude_query_class."})
+    episodes_per_speaker: Optional[int] = field(default=None, metadata={"help": "Episodes per test speaker (default: every utterance is a query once)."})
+    # running
+    batch_size: int = field(default=8, metadata={"help": "Episodes per classify call (LM methods)."})
+    baseline_train_steps: int = field(default=1500, metadata={"help": "Minibatch steps of the baselines' head training."})
+    n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples of the CIs."})
+    feature_cache_dir: Optional[str] = field(default=None, metadata={"help": "Default: $ICL_SER_CACHE/features."})
+    device: Optional[str] = field(default=None, metadata={"help": "cpu / cuda (default: cuda if available)."})
+    output_dir: str = field(default="outputs/eval")
+    update_model_card: bool = field(default=False, metadata={"help": "Also write the filled card into the --model folder."})
+
+    def validate(self) -> None:
+        """Raise ValueError for settings that cannot work, before any heavy work."""
+        from dataset_builder import MODES
+        from dataset_builder.corpora import check_corpus_name
+
+        check_corpus_name(self.corpus)
+        if self.corpus_options is not None:
+            try:
+                options = json.loads(self.corpus_options)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"--corpus_options must be a JSON object ({error}).") from None
+            if not isinstance(options, dict):
+                raise ValueError(f"--corpus_options must be a JSON object, got {self.corpus_options!r}.")
+        unknown = [m for m in self.methods if m not in METHODS + ("all", "baselines")]
+        if unknown:
+            raise ValueError(f"Unknown method(s) {unknown}; choose among {', '.join(METHODS)}, 'baselines' or 'all'.")
+        bad_modes = [m for m in self.mode if m not in MODES]
+        if bad_modes:
+            raise ValueError(f"Unknown enrollment mode(s) {bad_modes}; use {', '.join(MODES)}.")
+        if not self.k or any(k < 0 for k in self.k):
+            raise ValueError(f"--k needs one or more integers >= 0, got {self.k}.")
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"--labels has duplicates: {self.labels}.")
+        for flag, folder in (("--model", self.model), ("--baseline_model", self.baseline_model)):
+            if folder is not None:
+                check_model_folder(folder, flag)
+        if "icl" in self.methods and not self.model:
+            raise ValueError("Method icl needs --model (the meta-trained model's folder).")
+        if "slm_no_icl" in self.methods and not self.baseline_model:
+            raise ValueError("Method slm_no_icl needs --baseline_model (a model trained with --k_min 0 --k_max 0).")
+        if self.update_model_card and not self.model:
+            raise ValueError("--update_model_card needs --model (the folder whose README.md is updated).")
+        if self.baseline_train_steps < 1:
+            raise ValueError(f"--baseline_train_steps must be >= 1, got {self.baseline_train_steps}.")
+        if self.episodes_per_speaker is not None and self.episodes_per_speaker < 1:
+            raise ValueError(f"--episodes_per_speaker must be >= 1, got {self.episodes_per_speaker}.")
+
+    def method_list(self) -> list[str]:
+        """The methods to run, in table order (``all``/``baselines`` expanded)."""
+        chosen = set()
+        for name in self.methods:
+            if name == "baselines":
+                chosen |= set(BASELINE_METHODS)
+            elif name == "all":
+                chosen |= set(BASELINE_METHODS)
+                chosen |= {"icl"} if self.model else set()
+                chosen |= {"slm_no_icl"} if self.baseline_model else set()
+            else:
+                chosen.add(name)
+        return [m for m in METHODS if m in chosen]
+
+
+def check_model_folder(folder: str, flag: str = "--model") -> Path:
+    """A folder holding an icl-ser checkpoint (``config.json`` with ``model_type`` icl_ser)."""
+    path = Path(folder)
+    config = path / "config.json"
+    if not path.is_dir():
+        raise ValueError(f"{flag} {folder!r} is not a folder; pass the exported model (e.g. <output_dir>/final of train.py).")
+    if not config.is_file():
+        raise ValueError(f"{flag} {folder!r} has no config.json; it is not a saved icl-ser model.")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError):
+        raise ValueError(f"{flag} {folder!r}: config.json is not a JSON object.") from None
+    if model_type != "icl_ser":
+        raise ValueError(f"{flag} {folder!r} is a {model_type!r} model, not an icl_ser model.")
+    return path
+
+
+def parse_arguments(argv: Optional[list[str]] = None) -> EvalArguments:
+    """Flags, or a single YAML/JSON file of them (as train.py)."""
+    parser = HfArgumentParser(EvalArguments)
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        (args,) = parser.parse_yaml_file(argv[0])
+    elif len(argv) == 1 and argv[0].endswith(".json"):
+        (args,) = parser.parse_json_file(argv[0])
+    else:
+        (args,) = parser.parse_args_into_dataclasses(argv)
+    args.validate()
+    return args
+
+
+# ---------------------------------------------------------------------------------- data
+def corpus_options(args: EvalArguments) -> dict:
+    return json.loads(args.corpus_options) if args.corpus_options else {}
+
+
+def prepare_data(args: EvalArguments) -> dict[str, Any]:
+    """Utterance table, label set, speaker split and the test episodes of every (mode, K).
+
+    Raises ValueError (before any model is loaded) for a corpus without test speakers or
+    episodes whose labels are outside the label set.
+    """
+    from dataset_builder import build_episodes, read_corpus, split_speakers
+
+    table = read_corpus(args.corpus, args.data_dir, **corpus_options(args))
+    labels = list(args.labels) if args.labels else sorted(set(table["emotion"]))
+    splits = split_speakers(
+        table["speaker"], seed=args.seed,
+        validation_speakers=args.validation_speakers, test_speakers=args.test_speakers,
+    )
+    if not splits["test"]:
+        raise ValueError(f"Corpus {args.corpus!r} has no test speakers; pass --test_speakers.")
+    episodes: dict[tuple[str, int], list[dict]] = {}
+    for mode in args.mode:
+        for k in args.k:
+            built = build_episodes(
+                args.corpus, args.data_dir, k=k, mode=mode, seed=args.seed,
+                episodes_per_speaker=args.episodes_per_speaker,
+                validation_speakers=splits["validation"], test_speakers=splits["test"], **corpus_options(args),
+            )["test"]
+            episodes[(mode, k)] = list(built)
+            if not episodes[(mode, k)]:
+                raise ValueError(f"No test episodes for K={k} in mode {mode!r}: the test speakers are too small.")
+    used = {e["emotion"] for es in episodes.values() for e in es} | {
+        label for es in episodes.values() for e in es for label in e["enrollment_labels"]
+    }
+    missing = sorted(used - set(labels))
+    if missing:
+        raise ValueError(
+            f"Test episodes use labels {missing} that are not in the label set {labels}; "
+            "pass --labels including them (or drop --labels to use the corpus' emotions)."
+        )
+    return {"table": table, "labels": labels, "splits": splits, "episodes": episodes}
+
+
+# -------------------------------------------------------------------------------- models
+def load_icl_model(folder: str, device: str):
+    """(model, processor) of a saved icl-ser checkpoint, eval mode, on ``device``."""
+    from modeling_icl_ser import IclSerForConditionalGeneration, IclSerProcessor
+
+    model = IclSerForConditionalGeneration.from_pretrained(folder).to(device).eval()
+    processor = IclSerProcessor.from_pretrained(folder)
+    return model, processor
+
+
+def encoder_only_model(source: str, labels: list[str]):
+    """An icl-ser wrapper around a bare audio encoder (tiny random LM), for EncodedUtterances.
+
+    The encoder fingerprint depends only on the encoder, so features cached here are shared
+    with train.py runs on the same encoder.
+    """
+    import torch
+    from transformers import LlamaConfig
+
+    from modeling_icl_ser import IclSerConfig, IclSerForConditionalGeneration, IclSerProcessor
+    from modeling_icl_ser.backbones import load_audio_encoder
+    from modeling_icl_ser.testing import tiny_tokenizer
+
+    encoder, feature_extractor = load_audio_encoder(source)
+    tokenizer = tiny_tokenizer(labels)
+    config = IclSerConfig(
+        audio_config=encoder.config,
+        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id),
+        num_audio_tokens=1, labels=labels,
+    )
+    processor = IclSerProcessor.from_model_config(feature_extractor, tokenizer, config)
+    config.audio_token_id = processor.audio_token_id
+    model = IclSerForConditionalGeneration(config)
+    result = model.audio_tower.load_state_dict(encoder.state_dict(), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(f"Encoder {source!r} does not fit: missing {result.missing_keys[:5]}, "
+                           f"unexpected {result.unexpected_keys[:5]}.")
+    return model.to(torch.float32).eval(), processor
+
+
+def feature_model(args: EvalArguments, labels: list[str], loaded: dict[str, Any]):
+    """(model, processor, description) whose encoder gives the baselines' features."""
+    if args.model:
+        model, processor = loaded["icl"]
+        return model, processor, f"encoder of --model {args.model}"
+    if args.tiny:
+        from modeling_icl_ser.testing import tiny_icl_ser
+
+        model, processor = tiny_icl_ser(labels=labels, seed=args.seed)
+        return model, processor, f"tiny random model (tiny_icl_ser(seed={args.seed}))"
+    source = args.audio_encoder
+    if source is None:
+        from modeling_icl_ser.backbones import offline_backbone_paths
+
+        source = str(offline_backbone_paths()[0])
+    model, processor = encoder_only_model(source, labels)
+    return model, processor, f"audio encoder {source}"
+
+
+def feature_cache_dir(args: EvalArguments) -> str:
+    return args.feature_cache_dir or os.path.join(
+        os.environ.get("ICL_SER_CACHE", os.path.expanduser("~/.cache/icl_ser")), "features"
+    )
+
+
+# ------------------------------------------------------------------------------- running
+def run_baseline(method, episodes, pooled: dict[str, np.ndarray], description: str) -> np.ndarray:
+    """Probabilities ``(n_episodes, n_labels)`` of a fitted baseline, one episode at a time."""
+    from tqdm.auto import tqdm
+
+    rows = []
+    for episode in tqdm(episodes, desc=description, leave=False):
+        ids = list(episode["enrollment_ids"])
+        enrollment = np.stack([pooled[i] for i in ids]) if ids else None
+        rows.append(method.predict_proba(pooled[episode["query_id"]], enrollment, list(episode["enrollment_labels"]))[0])
+    return np.stack(rows)
+
+
+def package_versions() -> dict[str, str]:
+    import importlib.metadata as metadata
+
+    versions = {"python": platform.python_version()}
+    for name in ("icl-ser", "torch", "transformers", "datasets", "evaluate", "numpy", "scikit-learn", "peft", "huggingface_hub"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = parse_arguments(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import datasets
+    import torch
+
+    from modeling_icl_ser import IclSerDataCollator
+    from modeling_icl_ser.baselines import make_baseline, pool_features
+    from modeling_icl_ser.episodic import EncodedUtterances, predict_episodes
+    from modeling_icl_ser.metrics import summarize
+
+    datasets.disable_progress_bars()
+    started = time.time()
+    methods = args.method_list()
+    if not methods:
+        raise ValueError("No method to run.")
+    data = prepare_data(args)  # every data check happens before a model is loaded
+    table, labels, splits, episodes = data["table"], data["labels"], data["splits"], data["episodes"]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    loaded = {}
+    if args.model:
+        loaded["icl"] = load_icl_model(args.model, device)
+    if "slm_no_icl" in methods:
+        loaded["slm_no_icl"] = load_icl_model(args.baseline_model, device)
+    paths = dict(zip(table["id"], table["path"]))
+    test_ids = {i for es in episodes.values() for e in es for i in [e["query_id"], *e["enrollment_ids"]]}
+    cache_dir = feature_cache_dir(args)
+
+    # Features: each utterance encoded once per distinct encoder (cached on disk).
+    encoded_by_fingerprint: dict[str, EncodedUtterances] = {}
+
+    def encode(model, processor, rows) -> EncodedUtterances:
+        fingerprint = model.audio_encoder_fingerprint()
+        if fingerprint not in encoded_by_fingerprint:
+            encoded_by_fingerprint[fingerprint] = EncodedUtterances(model, processor, rows, cache_dir=cache_dir)
+        return encoded_by_fingerprint[fingerprint]
+
+    all_rows = [row for row in table]
+    baseline_methods = [m for m in methods if m in BASELINE_METHODS]
+    results, predictions_log, fitted = [], [], {}
+    probabilities: dict[tuple[str, str, int], np.ndarray] = {}
+    feature_source = None
+    if baseline_methods:
+        model, processor, feature_source = feature_model(args, labels, loaded)
+        model.to(device)
+        encoded = encode(model, processor, all_rows)
+        pooled = {i: pool_features(encoded[i]) for i in table["id"]}
+        speaker_of = dict(zip(table["id"], table["speaker"]))
+        emotion_of = dict(zip(table["id"], table["emotion"]))
+
+        def split_arrays(split):
+            ids = [i for i in table["id"] if speaker_of[i] in set(splits[split]) and emotion_of[i] in labels]
+            return (np.stack([pooled[i] for i in ids]), [emotion_of[i] for i in ids], [speaker_of[i] for i in ids])
+
+        train, validation = split_arrays("train"), split_arrays("validation")
+        assert not test_ids & {i for i in table["id"] if speaker_of[i] in set(splits["train"])}
+        for name in baseline_methods:
+            fitted[name] = make_baseline(name, seed=args.seed, train_steps=args.baseline_train_steps).fit(*train, labels, validation=validation)
+            for (mode, k), eps in episodes.items():
+                probabilities[(name, mode, k)] = run_baseline(fitted[name], eps, pooled, f"{name} {mode} K={k}")
+    for name in (m for m in methods if m in LM_METHODS):
+        model, processor = loaded[name]
+        collator = IclSerDataCollator(processor, labels=labels)
+        rows = [row for row in all_rows if row["id"] in test_ids]
+        encoded = encode(model, processor, rows) if len(rows) else None
+        for (mode, k), eps in episodes.items():
+            probabilities[(name, mode, k)] = predict_episodes(
+                model, collator, eps, paths, labels, encoded, batch_size=args.batch_size,
+                show_progress=True, description=f"{name} {mode} K={k}",
+            )
+
+    for (name, mode, k), probs in probabilities.items():
+        eps = episodes[(mode, k)]
+        predicted = [labels[i] for i in probs.argmax(-1)]
+        references = [e["emotion"] for e in eps]
+        scores = summarize(predicted, references, [e["speaker"] for e in eps], n_resamples=args.n_bootstrap, seed=args.seed)
+        results.append({"method": name, "mode": mode, "k": k, **scores})
+        for episode, prediction, row in zip(eps, predicted, probs):
+            predictions_log.append({"method": name, "mode": mode, "k": k, "episode_id": episode["episode_id"],
+                                    "speaker": episode["speaker"], "emotion": episode["emotion"],
+                                    "prediction": prediction, "probabilities": [round(float(p), 5) for p in row]})
+    results.sort(key=lambda r: (r["mode"], methods.index(r["method"]), r["k"]))
+
+    report = {
+        "settings": asdict(args),
+        "methods": methods,
+        "labels": labels,
+        "corpus": args.corpus,
+        "splits": splits,
+        "n_test_episodes": {f"{mode}/k{k}": len(eps) for (mode, k), eps in episodes.items()},
+        "baseline_features": feature_source,
+        "baselines": {name: method.describe() for name, method in fitted.items()},
+        "versions": package_versions(),
+        "device": device,
+        "minutes": round((time.time() - started) / 60, 2),
+        "results": results,
+    }
+    write_outputs(report, predictions_log, output_dir, args)
+    print(results_markdown(report))
+    print(f"Wrote {output_dir}/results.json, results.md, plots and README.md")
+    return report
+
+
+# ------------------------------------------------------------------------------- outputs
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def _cell(result: dict) -> str:
+    low, high = result["ua_ci"]
+    return f"{100 * result['ua']:.1f} ± {100 * (high - low) / 2:.1f}"
+
+
+def results_markdown(report: dict) -> str:
+    """Tables per enrollment mode: rows method, columns K, cells UA ± half-width of the 95% CI (%)."""
+    lines = []
+    modes = list(dict.fromkeys(r["mode"] for r in report["results"]))
+    ks = sorted({r["k"] for r in report["results"]})
+    by_key = {(r["method"], r["mode"], r["k"]): r for r in report["results"]}
+    for mode in modes:
+        lines += [
+            f"**{report['corpus']}**, `{mode}` enrollment: UA % (± half-width of the bootstrap 95% CI over "
+            f"episodes); {len(report['splits']['test'])} test speakers, labels: {', '.join(report['labels'])}.",
+            "",
+            "| method | " + " | ".join(f"K={k}" for k in ks) + " |",
+            "|---|" + "---:|" * len(ks),
+        ]
+        for method in report["methods"]:
+            cells = [_cell(by_key[(method, mode, k)]) if (method, mode, k) in by_key else "–" for k in ks]
+            lines.append(f"| {METHOD_TITLES.get(method, method)} | " + " | ".join(cells) + " |")
+        lines += ["", f"Per-speaker UA, `{mode}`: minimum / standard deviation across test speakers (%).", "",
+                  "| method | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]
+        for method in report["methods"]:
+            cells = [
+                f"{100 * by_key[key]['speaker_ua_min']:.1f} / {100 * by_key[key]['speaker_ua_std']:.1f}"
+                if (key := (method, mode, k)) in by_key else "–" for k in ks
+            ]
+            lines.append(f"| {METHOD_TITLES.get(method, method)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_results(report: dict, output_dir: Path) -> list[str]:
+    """``ua_vs_k_<mode>.png`` (a line per method, CI band) and ``per_speaker_ua_<mode>.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    modes = list(dict.fromkeys(r["mode"] for r in report["results"]))
+    for mode in modes:
+        figure, axis = plt.subplots(figsize=(6.5, 4.2))
+        for method in report["methods"]:
+            rows = sorted((r for r in report["results"] if r["method"] == method and r["mode"] == mode), key=lambda r: r["k"])
+            if not rows:
+                continue
+            ks = [r["k"] for r in rows]
+            line, = axis.plot(ks, [r["ua"] for r in rows], marker="o", label=METHOD_TITLES.get(method, method))
+            axis.fill_between(ks, [r["ua_ci"][0] for r in rows], [r["ua_ci"][1] for r in rows], color=line.get_color(), alpha=0.15)
+        axis.axhline(1 / len(report["labels"]), color="grey", linestyle=":", linewidth=1, label="chance")
+        axis.set(xlabel="K (enrollment utterances)", ylabel="UA", title=f"{report['corpus']}, {mode} enrollment")
+        axis.legend(fontsize=7)
+        figure.tight_layout()
+        name = f"ua_vs_k_{mode}.png"
+        figure.savefig(output_dir / name, dpi=120)
+        plt.close(figure)
+        written.append(name)
+
+        ks = sorted({r["k"] for r in report["results"] if r["mode"] == mode})
+        figure, axes = plt.subplots(1, len(ks), figsize=(2.2 * len(ks) + 1, 3.6), sharey=True, squeeze=False)
+        for axis, k in zip(axes[0], ks):
+            for x, method in enumerate(report["methods"]):
+                row = next((r for r in report["results"] if (r["method"], r["mode"], r["k"]) == (method, mode, k)), None)
+                if row:
+                    values = list(row["per_speaker_ua"].values())
+                    axis.scatter([x] * len(values), values, s=12, alpha=0.7)
+                    axis.plot([x - 0.3, x + 0.3], [row["ua"]] * 2, color="black", linewidth=1)
+            axis.set_xticks(range(len(report["methods"])), report["methods"], rotation=70, fontsize=7)
+            axis.set_title(f"K={k}", fontsize=9)
+        axes[0][0].set_ylabel("per-speaker UA")
+        figure.suptitle(f"{report['corpus']}, {mode}: per-speaker UA (bar: pooled UA)", fontsize=9)
+        figure.tight_layout()
+        name = f"per_speaker_ua_{mode}.png"
+        figure.savefig(output_dir / name, dpi=120)
+        plt.close(figure)
+        written.append(name)
+    return written
+
+
+def _card_field(text: str, name: str) -> Optional[str]:
+    import re
+
+    match = re.search(rf"^- \*\*{re.escape(name)}:\*\* (.+)$", text, flags=re.MULTILINE)
+    return match.group(1).strip() if match else None
+
+
+def model_card(report: dict, args: EvalArguments) -> str:
+    """The model card filled from ``model_card.md``; training details are kept from the model's card."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    existing = ""
+    if args.model and (Path(args.model) / "README.md").is_file():
+        existing = (Path(args.model) / "README.md").read_text()
+    training = None
+    if "## Training\n" in existing and "\n## Evaluation" in existing:
+        training = existing.split("## Training\n", 1)[1].split("\n## Evaluation", 1)[0].strip() or None
+    details: dict[str, Any] = {
+        "audio_encoder": _card_field(existing, "Audio encoder") or report.get("baseline_features"),
+        "language_model": _card_field(existing, "Language model"),
+        "num_audio_tokens": _card_field(existing, "Speech tokens per utterance"),
+        "labels": _card_field(existing, "Label vocabulary") or ", ".join(report["labels"]),
+    }
+    data = ModelCardData(
+        library_name="transformers", license="apache-2.0", pipeline_tag="audio-classification",
+        tags=["speech-emotion-recognition", "in-context-learning", "personalization", "icl-ser"],
+        datasets=[report["corpus"]], metrics=["unweighted_accuracy", "accuracy", "f1"],
+    )
+    if existing:
+        try:
+            old = ModelCard(existing).data.to_dict()
+            datasets_seen = list(dict.fromkeys([*(old.get("datasets") or []), report["corpus"]]))
+            data = ModelCardData(**{**old, "datasets": datasets_seen})
+        except Exception as error:  # a hand-edited card with odd metadata: start from defaults
+            logger.warning("Could not reuse the model card's metadata (%s); writing defaults.", error)
+    table = (
+        f"Evaluated with `eval.py` on the test speakers of **{report['corpus']}** "
+        f"(methods: {', '.join(report['methods'])}).\n\n" + results_markdown(report)
+    )
+    card = ModelCard.from_template(
+        data, template_path=str(REPO_ROOT / "model_card.md"),
+        model_id=Path(args.model).name if args.model else None,
+        training_summary=training, results_table=table, **details,
+    )
+    return str(card)
+
+
+def write_outputs(report: dict, predictions_log: list[dict], output_dir: Path, args: EvalArguments) -> None:
+    report["plots"] = plot_results(report, output_dir)
+    _atomic_write(output_dir / "results.json", json.dumps(report, indent=2, default=str))
+    _atomic_write(output_dir / "results.md", results_markdown(report))
+    _atomic_write(output_dir / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions_log))
+    card = model_card(report, args)
+    _atomic_write(output_dir / "README.md", card)
+    if args.update_model_card:
+        _atomic_write(Path(args.model) / "README.md", card)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""eval.py: bad inputs fail before work; a full tiny run (all 7 methods) writes every output."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Same small corpus as tests/test_train.py (6 speakers: 4 train, 1 validation, 1 test).
+OPTIONS = json.dumps({"n_speakers": 6, "utterances_per_emotion": 4})
+CORPUS = ["--corpus", "synthetic", "--corpus_options", OPTIONS]
+FAST = [*CORPUS, "--n_bootstrap", "50", "--baseline_train_steps", "50"]
+
+
+def run_eval(args):
+    sys.path.insert(0, str(REPO))
+    import eval as eval_script
+
+    return eval_script.main(args)
+
+
+def train_tiny(output_dir: Path, *extra) -> Path:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, str(REPO / "train.py"), *CORPUS, "--tiny", "--batch_size", "2", "--max_steps", "2",
+               "--eval_k", "0", "--eval_episodes_per_speaker", "2", "--log_with", "none",
+               "--output_dir", str(output_dir), *extra]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return output_dir / "final"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {"icl": train_tiny(root / "icl"), "no_icl": train_tiny(root / "no_icl", "--k_min", "0", "--k_max", "0")}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--methods", "knn"], "Unknown method"),
+        (["--methods", "icl"], "needs --model"),
+        (["--methods", "slm_no_icl"], "needs --baseline_model"),
+        (["--mode", "random"], "Unknown enrollment mode"),
+        (["--k", "-1"], "--k"),
+        (["--model", "/nonexistent/model"], "not a folder"),
+        (["--labels", "anger", "happiness"], "not in the label set"),
+        (["--validation_speakers", "spk00"], "test split has no speaker"),
+    ],
+)
+def test_bad_inputs_fail_before_any_work(args, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        run_eval([*FAST, "--tiny", *args, "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_folder_must_be_icl_ser(tmp_path):
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="not an icl_ser model"):
+        run_eval([*FAST, "--model", str(tmp_path / "bert"), "--output_dir", str(tmp_path / "out")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        run_eval([*FAST, "--baseline_model", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out")])
+
+
+def test_full_tiny_run_writes_all_outputs(models, tmp_path):
+    out = tmp_path / "eval"
+    before = (models["icl"] / "README.md").read_text()
+    # Cross-label: "boredom" is never seen in meta-training; it is only an extra candidate here.
+    labels = ["anger", "boredom", "disgust", "fear", "happiness", "neutral", "sadness"]
+    report = run_eval([*FAST, "--model", str(models["icl"]), "--baseline_model", str(models["no_icl"]),
+                       "--methods", "all", "--k", "0", "2", "--mode", "arbitrary", "balanced",
+                       "--labels", *labels, "--episodes_per_speaker", "6",
+                       "--update_model_card", "--output_dir", str(out)])
+    methods = ["si", "si_norm", "si_finetune", "prototypes", "speaker_embedding", "slm_no_icl", "icl"]
+    assert report["methods"] == methods
+
+    saved = json.loads((out / "results.json").read_text())
+    assert {"settings", "versions", "labels", "splits", "results", "baselines", "plots"} <= set(saved)
+    assert saved["labels"] == labels and "torch" in saved["versions"] and saved["settings"]["k"] == [0, 2]
+    assert not set(saved["splits"]["test"]) & set(saved["splits"]["train"])
+    assert len(saved["results"]) == len(methods) * 2 * 2
+    for row in saved["results"]:
+        assert {"method", "mode", "k", "ua", "wa", "macro_f1", "ua_ci", "wa_ci", "macro_f1_ci", "n_episodes",
+                "per_speaker_ua", "speaker_ua_min", "speaker_ua_std"} <= set(row)
+        assert 0 <= row["ua_ci"][0] <= row["ua"] <= row["ua_ci"][1] <= 1
+        assert row["n_episodes"] == 6 and set(row["per_speaker_ua"]) == set(saved["splits"]["test"])
+    assert set(saved["baselines"]) == set(methods[:5])
+
+    table = (out / "results.md").read_text()
+    assert "| method | K=0 | K=2 |" in table and "ICL (meta-trained, proposed)" in table and "±" in table
+    for name in ("ua_vs_k_arbitrary.png", "ua_vs_k_balanced.png", "per_speaker_ua_arbitrary.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == len(methods) * 2 * 2 * 6 and json.loads(lines[0])["prediction"] in labels
+
+    card = (out / "README.md").read_text()
+    assert "ICL (meta-trained, proposed)" in card and "library_name: transformers" in card
+    updated = (models["icl"] / "README.md").read_text()
+    assert updated == card and updated != before
+    assert "Meta-trained with `train.py`" in updated  # the training summary is kept
+
+
+def test_baselines_only_with_tiny_encoder(tmp_path):
+    report = run_eval([*FAST, "--tiny", "--methods", "si", "prototypes", "--k", "0", "1",
+                       "--output_dir", str(tmp_path)])
+    assert report["methods"] == ["si", "prototypes"] and report["baseline_features"].startswith("tiny")
+    assert {r["k"] for r in report["results"]} == {0, 1}
+    assert (tmp_path / "results.md").is_file() and (tmp_path / "README.md").is_file()
