@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler
 
 from dataset_builder import EpisodeSampler, build_episodes, read_corpus, split_speakers
-from modeling_icl_ser import IclSerDataCollator
+from modeling_icl_ser import IclSerDataCollator, save_with_pipeline
 from modeling_icl_ser.episodic import EncodedUtterances, episode_example, predict_episodes
 from modeling_icl_ser.metrics import unweighted_accuracy
 
@@ -80,7 +80,7 @@ class TrainingArguments:
     enrollment_mode: str = field(default="arbitrary", metadata={"help": "arbitrary, balanced or exclude_query_class."})
     loss_on_enrollment_labels: bool = field(default=False, metadata={"help": "Also train on the enrollment labels' tokens."})
     # optimisation
-    max_steps: int = field(default=300)
+    max_steps: int = field(default=200)
     batch_size: int = field(default=8, metadata={"help": "Episodes per micro-batch (per process)."})
     gradient_accumulation_steps: int = field(default=1)
     learning_rate: float = field(default=1e-3)
@@ -88,7 +88,7 @@ class TrainingArguments:
     warmup_steps: int = field(default=20)
     lr_scheduler_type: str = field(default="cosine")
     max_grad_norm: float = field(default=1.0)
-    mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 on a capable GPU), no, bf16 or fp16."})
+    mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 where the GPU/CPU has it), no, bf16 or fp16."})
     seed: int = field(default=0)
     # validation, checkpoints, export
     eval_every: int = field(default=100, metadata={"help": "Validate every N steps (0 = only at the end)."})
@@ -271,7 +271,8 @@ def validate(model, collator, data: EpisodeData, accelerator) -> dict[str, float
     if accelerator.is_main_process:
         inner = base(accelerator.unwrap_model(model))
         for k, episodes in data.validation.items():
-            probabilities = predict_episodes(inner, collator, episodes, data.paths, data.labels, data.encoded)
+            with accelerator.autocast():
+                probabilities = predict_episodes(inner, collator, episodes, data.paths, data.labels, data.encoded)
             predictions = [data.labels[i] for i in probabilities.argmax(-1)]
             scores[f"val_ua_k{k}"] = unweighted_accuracy(predictions, [e["emotion"] for e in episodes])
         scores["val_ua_mean"] = float(np.mean(list(scores.values())))
@@ -334,12 +335,13 @@ def export(model, processor, args: TrainingArguments, summary: dict, output_dir:
     final, staging = output_dir / "final", output_dir / ".staging-final"
     shutil.rmtree(staging, ignore_errors=True)
     if args.export_adapter_only and hasattr(model, "save_pretrained") and hasattr(model, "peft_config"):
-        model.save_pretrained(staging)  # adapter + projector (modules_to_save)
-        base(model).config.save_pretrained(staging)
+        # LoRA adapter + projector (modules_to_save); load onto the same backbones with
+        # peft.PeftModel.from_pretrained(IclSerForConditionalGeneration.from_backbones(...)[0], folder).
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
     else:
         merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-        merged.save_pretrained(staging)
-    processor.save_pretrained(staging)
+        save_with_pipeline(merged, processor, staging)  # weights, processor, code, pipeline
     inner = base(model)
     card = ModelCard.from_template(
         ModelCardData(
@@ -409,14 +411,21 @@ class StopRequest:
         self.signal = signum
 
 
+def resolve_mixed_precision(setting: str) -> str:
+    """"auto" → bf16 where the hardware computes it natively (recent GPUs, CPUs with AVX512-BF16/AMX)."""
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_arguments(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     datasets.disable_progress_bars()
     output_dir = Path(args.output_dir)
-    mixed = args.mixed_precision
-    if mixed == "auto":
-        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    mixed = resolve_mixed_precision(args.mixed_precision)
     trackers = None if args.log_with in (None, "none") else args.log_with
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=mixed, log_with=trackers,
@@ -529,13 +538,17 @@ def write_metrics_row(path: Path, record: dict) -> None:
 
 
 def finish(args, accelerator, model, processor, data, state, backbones, started, best_path, collator) -> dict:
-    """Load the best weights, re-validate, export (and push) on the main process."""
+    """Load the best weights (re-validating them), export (and push) on the main process."""
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
+    last = state["history"][-1] if state["history"] else {}
+    scores = {k: v for k, v in last.items() if k.startswith("val_ua_")}
     if args.load_best_at_end and best_path.is_file() and state["best_step"] != state["step"]:
         unwrapped.load_state_dict(load_file(str(best_path)), strict=False)
         accelerator.print(f"Loaded the best validation weights (step {state['best_step']}).")
-    scores = validate(model, collator, data, accelerator)
+        scores = {}
+    if not scores:
+        scores = validate(model, collator, data, accelerator)
     summary = {
         "backbones": backbones,
         "steps": state["step"],

@@ -4,7 +4,7 @@ Importing the package registers the model with the transformers Auto classes, an
 config, model and processor for `register_for_auto_class`, so `save_pretrained` writes an
 `auto_map` and copies the code files next to the weights (load with `trust_remote_code=True`).
 It also registers the `"icl-speech-emotion"` pipeline; `save_with_pipeline` writes a checkpoint
-that carries it (see docs/PIPELINE.md).
+that carries it (see the README).
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor

@@ -131,6 +131,17 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
 
+    @classmethod
+    def from_backbones(cls, audio_encoder, language_model, labels: Optional[list[str]] = None, **config_kwargs):
+        """Build `(model, processor)` from a pretrained speech encoder and causal LM.
+
+        See `backbones.from_backbones`: Hub ids, local folders, a faster-whisper/CTranslate2
+        Whisper folder for the encoder, a `.gguf` file for the LM. The projector is random.
+        """
+        from .backbones import from_backbones
+
+        return from_backbones(audio_encoder, language_model, labels=labels, **config_kwargs)
+
     # ----------------------------------------------------------------- embeddings / plumbing
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -312,7 +323,9 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
                 sample (enrollment audios, then the query); see `get_audio_features`.
             audio_hidden_states / audio_hidden_mask: cached encoder outputs `(n_audio, T, D)` and
                 `(n_audio, T)`, used instead of `input_features` (frozen-encoder training).
-            labels: `(batch, seq)` targets, -100 except on answer tokens → shifted LM loss.
+            labels: `(batch, seq)` targets, -100 except on answer tokens → shifted LM loss. The
+                returned logits then cover only the final positions, from the one predicting
+                the first target on (the loss needs no others).
             position_ids: Defaults to positions counted from `attention_mask`.
             cache: Key/value cache (`past_key_values` is accepted as its old name).
             candidate_input_ids / candidate_attention_mask: Accepted and ignored, so one
@@ -332,6 +345,10 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
             raise ValueError("Audio inputs need input_ids (to find the placeholders), not inputs_embeds.")
         if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
             position_ids = self._positions_from_mask(attention_mask, inputs_embeds.shape[1])
+        if labels is not None and isinstance(logits_to_keep, int) and logits_to_keep == 0:
+            # Targets sit at the end of left-padded rows: the LM head (vocabulary-sized, a fifth
+            # of a small LM's compute) only runs from the position predicting the first target.
+            logits_to_keep, labels = self._target_suffix(labels)
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -342,6 +359,16 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
+
+    @staticmethod
+    def _target_suffix(labels: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """How many final positions carry (or predict) a target, and the labels cut to them."""
+        has_target = (labels != -100).any(0)
+        if not bool(has_target.any()):
+            return 0, labels
+        first = int(has_target.nonzero()[0])
+        keep = labels.shape[1] - max(first - 1, 0)
+        return keep, labels[:, -keep:]
 
     # --------------------------------------------------------------------------- classify
     @torch.no_grad()

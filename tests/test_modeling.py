@@ -151,11 +151,15 @@ def test_loss_only_on_answer_tokens(tiny, make_audio):
     assert inputs["input_ids"][0, -len(answer_ids):].tolist() == answer_ids
     with torch.no_grad():
         out = model(**inputs)
-    logp = out.logits[0, :-1].log_softmax(-1)
+        full = model(**{k: v for k, v in inputs.items() if k != "labels"})
+    logp = full.logits[0, :-1].log_softmax(-1)
     targets = inputs["labels"][0, 1:]
     keep = targets != -100
     expected = -logp[keep].gather(-1, targets[keep][:, None]).mean()
     torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
+    # With labels, only the positions from the one predicting the first target get logits.
+    assert out.logits.shape[1] == len(answer_ids) + 1
+    torch.testing.assert_close(out.logits[0], full.logits[0, -len(answer_ids) - 1 :], atol=1e-5, rtol=1e-5)
 
 
 def test_audio_changes_the_output(tiny, make_audio):
