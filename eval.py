@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import platform
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,7 +34,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from transformers import HfArgumentParser
+
+from dataset_builder.cli import parse_arguments as parse_script_arguments, parse_corpus_options
 
 logger = logging.getLogger("icl_ser.eval")
 REPO_ROOT = Path(__file__).resolve().parent
@@ -91,13 +91,7 @@ class EvalArguments:
         from dataset_builder.corpora import check_corpus_name
 
         check_corpus_name(self.corpus)
-        if self.corpus_options is not None:
-            try:
-                options = json.loads(self.corpus_options)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"--corpus_options must be a JSON object ({error}).") from None
-            if not isinstance(options, dict):
-                raise ValueError(f"--corpus_options must be a JSON object, got {self.corpus_options!r}.")
+        parse_corpus_options(self.corpus_options)
         unknown = [m for m in self.methods if m not in METHODS + ("all", "baselines")]
         if unknown:
             raise ValueError(f"Unknown method(s) {unknown}; choose among {', '.join(METHODS)}, 'baselines' or 'all'.")
@@ -155,24 +149,11 @@ def check_model_folder(folder: str, flag: str = "--model") -> Path:
 
 
 def parse_arguments(argv: Optional[list[str]] = None) -> EvalArguments:
-    """Flags, or a single YAML/JSON file of them (as train.py)."""
-    parser = HfArgumentParser(EvalArguments)
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        (args,) = parser.parse_yaml_file(argv[0])
-    elif len(argv) == 1 and argv[0].endswith(".json"):
-        (args,) = parser.parse_json_file(argv[0])
-    else:
-        (args,) = parser.parse_args_into_dataclasses(argv)
-    args.validate()
-    return args
+    """Flags, or a single YAML/JSON file of them."""
+    return parse_script_arguments(EvalArguments, argv)
 
 
 # ---------------------------------------------------------------------------------- data
-def corpus_options(args: EvalArguments) -> dict:
-    return json.loads(args.corpus_options) if args.corpus_options else {}
-
-
 def prepare_data(args: EvalArguments) -> dict[str, Any]:
     """Utterance table, label set, speaker split and the test episodes of every (mode, K).
 
@@ -181,7 +162,7 @@ def prepare_data(args: EvalArguments) -> dict[str, Any]:
     """
     from dataset_builder import build_episodes, read_corpus, split_speakers
 
-    table = read_corpus(args.corpus, args.data_dir, **corpus_options(args))
+    table = read_corpus(args.corpus, args.data_dir, **parse_corpus_options(args.corpus_options))
     labels = list(args.labels) if args.labels else sorted(set(table["emotion"]))
     splits = split_speakers(
         table["speaker"], seed=args.seed,
@@ -195,7 +176,7 @@ def prepare_data(args: EvalArguments) -> dict[str, Any]:
             built = build_episodes(
                 args.corpus, args.data_dir, k=k, mode=mode, seed=args.seed,
                 episodes_per_speaker=args.episodes_per_speaker,
-                validation_speakers=splits["validation"], test_speakers=splits["test"], **corpus_options(args),
+                validation_speakers=splits["validation"], test_speakers=splits["test"], **parse_corpus_options(args.corpus_options),
             )["test"]
             episodes[(mode, k)] = list(built)
             if not episodes[(mode, k)]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -38,9 +37,10 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser, get_scheduler
+from transformers import get_scheduler
 
 from dataset_builder import EpisodeSampler, build_episodes, read_corpus, split_speakers
+from dataset_builder.cli import parse_arguments as parse_script_arguments, parse_corpus_options
 from modeling_icl_ser import IclSerDataCollator, save_with_pipeline
 from modeling_icl_ser.episodic import EncodedUtterances, episode_example, predict_episodes
 from modeling_icl_ser.metrics import unweighted_accuracy
@@ -109,13 +109,7 @@ class TrainingArguments:
 
     def validate(self) -> None:
         """Raise ValueError for settings that cannot work, before any heavy work."""
-        if self.corpus_options is not None:
-            try:
-                options = json.loads(self.corpus_options)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"--corpus_options must be a JSON object ({error}).") from None
-            if not isinstance(options, dict):
-                raise ValueError(f"--corpus_options must be a JSON object, got {self.corpus_options!r}.")
+        parse_corpus_options(self.corpus_options)
         if self.encoder_mode not in ("frozen", "lora", "full"):
             raise ValueError(f"--encoder_mode must be frozen, lora or full, got {self.encoder_mode!r}.")
         if not 0 <= self.k_min <= self.k_max:
@@ -132,16 +126,7 @@ class TrainingArguments:
 
 def parse_arguments(argv: Optional[list[str]] = None) -> TrainingArguments:
     """Flags, or a single YAML/JSON file of them."""
-    parser = HfArgumentParser(TrainingArguments)
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        (args,) = parser.parse_yaml_file(argv[0])
-    elif len(argv) == 1 and argv[0].endswith(".json"):
-        (args,) = parser.parse_json_file(argv[0])
-    else:
-        (args,) = parser.parse_args_into_dataclasses(argv)
-    args.validate()
-    return args
+    return parse_script_arguments(TrainingArguments, argv)
 
 
 # --------------------------------------------------------------------------------- model
@@ -217,15 +202,10 @@ class EpisodeData:
     encoded: Optional[EncodedUtterances]
 
 
-def corpus_options(args: TrainingArguments) -> dict:
-    """Generator options of the synthetic corpus (none for real corpora)."""
-    return json.loads(args.corpus_options) if args.corpus_options else {}
-
-
 def load_data(args: TrainingArguments, accelerator: Accelerator) -> tuple[Any, list[str]]:
     """Utterance table and label vocabulary."""
     with accelerator.main_process_first():  # the synthetic corpus is generated once
-        table = read_corpus(args.corpus, args.data_dir, **corpus_options(args))
+        table = read_corpus(args.corpus, args.data_dir, **parse_corpus_options(args.corpus_options))
     labels = list(args.labels) if args.labels else sorted(set(table["emotion"]))
     return table, labels
 
@@ -247,7 +227,7 @@ def prepare_episodes(args, accelerator, table, labels, model, processor) -> Epis
             episodes = build_episodes(
                 args.corpus, args.data_dir, k=k, mode=args.enrollment_mode, seed=args.seed,
                 episodes_per_speaker=args.eval_episodes_per_speaker,
-                validation_speakers=splits["validation"], test_speakers=splits["test"], **corpus_options(args),
+                validation_speakers=splits["validation"], test_speakers=splits["test"], **parse_corpus_options(args.corpus_options),
             )["validation"]
         validation[k] = list(episodes)
     encoded = None
@@ -561,7 +541,7 @@ def finish(args, accelerator, model, processor, data, state, backbones, started,
     if accelerator.is_main_process:
         folder = export(unwrapped, processor, args, summary, Path(args.output_dir))
         accelerator.print(
-            f"Validation UA: " + ", ".join(f"K={k[len('val_ua_k'):]}: {v:.3f}" for k, v in scores.items() if k.startswith("val_ua_k"))
+            "Validation UA: " + ", ".join(f"K={k[len('val_ua_k'):]}: {v:.3f}" for k, v in scores.items() if k.startswith("val_ua_k"))
             + f"  ({summary['minutes']:.1f} min). Exported to {folder}"
         )
         if args.push_to_hub:
