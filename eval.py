@@ -292,7 +292,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     from modeling_icl_ser import IclSerDataCollator
     from modeling_icl_ser.baselines import make_baseline, pool_features
-    from modeling_icl_ser.episodic import EncodedUtterances, predict_episodes
+    from modeling_icl_ser.episodic import EncodedUtterances, native_bf16_available, predict_episodes
     from modeling_icl_ser.metrics import summarize
 
     datasets.disable_progress_bars()
@@ -352,11 +352,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
         collator = IclSerDataCollator(processor, labels=labels)
         rows = [row for row in all_rows if row["id"] in test_ids]
         encoded = encode(model, processor, rows) if len(rows) else None
-        for (mode, k), eps in episodes.items():
-            probabilities[(name, mode, k)] = predict_episodes(
-                model, collator, eps, paths, labels, encoded, batch_size=args.batch_size,
-                show_progress=True, description=f"{name} {mode} K={k}",
-            )
+        device_type = next(model.parameters()).device.type
+        # The same bf16 autocast train.py validates under, where the hardware has it.
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=native_bf16_available(device_type)):
+            for (mode, k), eps in episodes.items():
+                probabilities[(name, mode, k)] = predict_episodes(
+                    model, collator, eps, paths, labels, encoded, batch_size=args.batch_size,
+                    show_progress=True, description=f"{name} {mode} K={k}",
+                )
 
     for (name, mode, k), probs in probabilities.items():
         eps = episodes[(mode, k)]

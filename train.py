@@ -42,7 +42,7 @@ from transformers import get_scheduler
 from dataset_builder import EpisodeSampler, build_episodes, read_corpus, split_speakers
 from dataset_builder.cli import parse_arguments as parse_script_arguments, parse_corpus_options
 from modeling_icl_ser import IclSerDataCollator, save_with_pipeline
-from modeling_icl_ser.episodic import EncodedUtterances, episode_example, predict_episodes
+from modeling_icl_ser.episodic import EncodedUtterances, episode_example, native_bf16_available, predict_episodes
 from modeling_icl_ser.metrics import unweighted_accuracy
 
 logger = logging.getLogger("icl_ser.train")
@@ -395,9 +395,7 @@ def resolve_mixed_precision(setting: str) -> str:
     """"auto" → bf16 where the hardware computes it natively (recent GPUs, CPUs with AVX512-BF16/AMX)."""
     if setting != "auto":
         return setting
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+    return "bf16" if native_bf16_available("cuda" if torch.cuda.is_available() else "cpu") else "no"
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
