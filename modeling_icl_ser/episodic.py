@@ -130,10 +130,8 @@ def predict_episodes(
     Raises:
         ValueError: an episode's query or enrollment label is not in ``labels``.
     """
-    unknown = sorted(
-        {e["emotion"] for e in episodes} | {l for e in episodes for l in e["enrollment_labels"]}
-    ) if episodes else []
-    unknown = [label for label in unknown if label not in set(labels)]
+    used = {e["emotion"] for e in episodes} | {label for e in episodes for label in e["enrollment_labels"]}
+    unknown = sorted(used - set(labels))
     if unknown:
         raise ValueError(
             f"Episodes use labels {unknown} that are not in the label set {list(labels)}; "

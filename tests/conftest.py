@@ -1,6 +1,7 @@
 """Shared pytest fixtures."""
 
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -40,3 +41,22 @@ def make_audio():
         return (0.3 * tone + 0.05 * rng.standard_normal(n)).astype(np.float32)
 
     return _make
+
+
+@pytest.fixture
+def run_clean_process(tmp_path):
+    """run_clean_process(script_text, *args) -> CompletedProcess of a Python child process in which
+    the repository is not on the path (cwd in tmp, PYTHONSAFEPATH, no PYTHONPATH), offline, with
+    its own modules cache: what a user without the package installed has."""
+
+    def _run(script_text: str, *args: str) -> subprocess.CompletedProcess:
+        script = tmp_path / "child.py"
+        script.write_text(script_text)
+        workdir = tmp_path / "work"
+        workdir.mkdir(exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONSAFEPATH="1")
+        return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=workdir, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    return _run

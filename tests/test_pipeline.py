@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -202,7 +200,7 @@ _CHILD = textwrap.dedent(
 )
 
 
-def test_saved_checkpoint_runs_in_clean_process(tiny, pipe, clips, tmp_path):
+def test_saved_checkpoint_runs_in_clean_process(tiny, pipe, clips, tmp_path, run_clean_process):
     model, processor = tiny
     ckpt = tmp_path / "ckpt"
     save_with_pipeline(model, processor, ckpt)
@@ -220,17 +218,8 @@ def test_saved_checkpoint_runs_in_clean_process(tiny, pipe, clips, tmp_path):
     np.save(tmp_path / "audio.npy", audio)
     pair = [(audio[2], "calm"), (audio[3], "fear")]
     pipe.enroll(pair, sampling_rate=SR).save(tmp_path / "parent.safetensors")
-    script = tmp_path / "child.py"
-    script.write_text(_CHILD)
-    workdir = tmp_path / "work"
-    workdir.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONSAFEPATH="1")
-    result = subprocess.run(
-        [sys.executable, str(script), str(ckpt), str(tmp_path / "audio.npy"), str(tmp_path / "parent.safetensors"),
-         str(tmp_path / "child.safetensors"), str(tmp_path / "out.json")],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
-    )
+    result = run_clean_process(_CHILD, ckpt, tmp_path / "audio.npy", tmp_path / "parent.safetensors",
+                               tmp_path / "child.safetensors", tmp_path / "out.json")
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
     assert not out["pipeline"].startswith("modeling_icl_ser") and not out["model"].startswith("modeling_icl_ser")

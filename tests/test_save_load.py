@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -30,7 +28,7 @@ _CHILD = textwrap.dedent(
 )
 
 
-def test_round_trip_in_clean_subprocess(tiny, make_audio, tmp_path):
+def test_round_trip_in_clean_subprocess(tiny, make_audio, tmp_path, run_clean_process):
     model, processor = tiny
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)
@@ -46,16 +44,7 @@ def test_round_trip_in_clean_subprocess(tiny, make_audio, tmp_path):
 
     audio = np.stack([make_audio(1.2, seed=1), make_audio(1.2, seed=2), make_audio(1.2, seed=3)])
     np.save(tmp_path / "audio.npy", audio)
-    script = tmp_path / "child.py"
-    script.write_text(_CHILD)
-    workdir = tmp_path / "work"
-    workdir.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONSAFEPATH="1")
-    result = subprocess.run(
-        [sys.executable, str(script), str(ckpt), str(tmp_path / "audio.npy"), str(tmp_path / "out.json")],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
-    )
+    result = run_clean_process(_CHILD, ckpt, tmp_path / "audio.npy", tmp_path / "out.json")
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["cls"] == "IclSerForConditionalGeneration"

@@ -147,16 +147,11 @@ _CHILD = textwrap.dedent(
 )
 
 
-def test_export_loads_in_clean_process_and_matches(tmp_path):
+def test_export_loads_in_clean_process_and_matches(tmp_path, run_clean_process):
     result = run_train(["--max_steps", "3", "--eval_every", "0", "--checkpoint_every", "0"], tmp_path / "run")
     assert result.returncode == 0, result.stderr[-3000:]
     final = tmp_path / "run" / "final"
-    (tmp_path / "child.py").write_text(_CHILD)
-    (tmp_path / "work").mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONSAFEPATH="1")
-    child = subprocess.run([sys.executable, str(tmp_path / "child.py"), str(final), str(tmp_path / "out.json")],
-                           cwd=tmp_path / "work", env=env, capture_output=True, text=True, timeout=300)
+    child = run_clean_process(_CHILD, final, tmp_path / "out.json")
     assert child.returncode == 0, child.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
 
