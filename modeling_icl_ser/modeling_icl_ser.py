@@ -297,8 +297,18 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def _text_embedding_rms(self) -> torch.Tensor:
-        """RMS of the LM's token embeddings (the scale audio tokens are brought to)."""
-        return self.get_input_embeddings().weight.float().square().mean().sqrt()
+        """RMS of the LM's token embeddings (the scale audio tokens are brought to).
+
+        Cached: a pass over the whole embedding matrix costs as much as a short query. The key
+        holds the tensor's version counter, so in-place updates (optimizer steps, weight
+        loading) and moves to another device or dtype recompute it.
+        """
+        weight = self.get_input_embeddings().weight
+        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
+        if getattr(self, "_embedding_rms_key", None) != key:
+            self._embedding_rms = weight.float().square().mean().sqrt()
+            self._embedding_rms_key = key
+        return self._embedding_rms
 
     @staticmethod
     def _positions_from_mask(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -403,8 +413,10 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
 
         Each candidate (the tokens of its answer text, e.g. `" happiness\\n"`) is scored by its
         mean token log-likelihood after the prompt; a softmax over candidates gives the result.
-        The prompt runs once; its key/value cache is repeated over the candidates, which then
-        run together in one cached pass.
+        Prompt and candidates run in **one** LM pass: the candidates are laid side by side after
+        the prompt, and a 4D attention mask lets each candidate token see the prompt and its own
+        earlier tokens only, with positions continuing the prompt's (a small LM's cost on CPU is
+        mostly reading its weights, so one pass instead of two matters).
 
         Args:
             input_ids, attention_mask, input_features, ...: the processor's (left-padded) prompt
@@ -419,50 +431,89 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
 
         Returns:
             `(batch, n_labels)` probabilities (rows sum to 1), in the candidates' order.
+
+        Raises:
+            ValueError: right-padded prompts, a mask that does not cover prefix + prompt, empty
+                candidates, or an LM attention kernel that takes no 4D mask (use "sdpa" or "eager").
         """
         batch = input_ids.shape[0]
         cands, cand_mask = self._expand_candidates(candidate_input_ids, candidate_attention_mask, batch)
         if not bool((attention_mask[:, -1] == 1).all()):
             raise ValueError("classify needs left-padded prompts (the last position of every row must be a token).")
         past = 0 if cache is None else cache.get_seq_length()
-        if attention_mask.shape[1] != past + input_ids.shape[1]:
+        prompt_len = input_ids.shape[1]
+        if attention_mask.shape[1] != past + prompt_len:
             raise ValueError(
                 f"attention_mask has {attention_mask.shape[1]} positions but the cached prefix ({past}) plus "
-                f"input_ids ({input_ids.shape[1]}) have {past + input_ids.shape[1]}; it must cover both."
+                f"input_ids ({prompt_len}) have {past + prompt_len}; it must cover both."
             )
+        attention = self.language_model.config._attn_implementation
+        if attention not in ("sdpa", "eager"):
+            raise ValueError(f"classify scores all candidates in one pass with a 4D attention mask, which the "
+                             f"{attention!r} attention kernel does not take; load the model with attn_implementation='sdpa'.")
         n_labels, cand_len = cands.shape[1], cands.shape[2]
+        # Candidates side by side, without the columns that are padding in every row.
+        column_mask = cand_mask.reshape(batch, n_labels * cand_len)
+        kept = column_mask.bool().any(0).nonzero().squeeze(-1)
+        cand_ids = cands.masked_fill(cand_mask == 0, 0).reshape(batch, -1)[:, kept]  # pads: any valid id
+        cand_of, token_of = kept // cand_len, kept % cand_len
 
-        prompt = self(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            input_features=input_features,
-            feature_attention_mask=feature_attention_mask,
-            audio_hidden_states=audio_hidden_states,
-            audio_hidden_mask=audio_hidden_mask,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        first_logp = prompt.logits[:, -1].float().log_softmax(-1).repeat_interleave(n_labels, 0)  # (B*C, V)
-        cache = prompt.cache
-        cache.batch_repeat_interleave(n_labels)  # row b*C + c continues prompt b with candidate c
+        embeds = self._embed_with_audio(input_ids, input_features, feature_attention_mask,
+                                        audio_hidden_states, audio_hidden_mask)
+        embeds = torch.cat([embeds, self.get_input_embeddings()(cand_ids)], dim=1)
+        mask, positions = self._candidate_tree(attention_mask, prompt_len, cand_of, token_of, attention, embeds.dtype)
 
-        flat_ids = cands.reshape(batch * n_labels, cand_len)
-        flat_mask = cand_mask.reshape(batch * n_labels, cand_len)
-        prompt_mask = attention_mask.repeat_interleave(n_labels, 0)
-        positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(cand_len, device=flat_ids.device)
-        rest = self.language_model(
-            input_ids=flat_ids,
-            attention_mask=torch.cat([prompt_mask, flat_mask.to(prompt_mask.dtype)], dim=-1),
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-        )
-        # Token j of a candidate is predicted by the prompt end (j = 0) or candidate token j-1.
-        step_logp = torch.cat([first_logp[:, None], rest.logits[:, :-1].float().log_softmax(-1)], dim=1)
-        token_logp = step_logp.gather(-1, flat_ids[..., None]).squeeze(-1) * flat_mask
-        scores = token_logp.sum(-1) / flat_mask.sum(-1)
-        return scores.view(batch, n_labels).softmax(-1)
+        # Logits only where they predict a candidate token: the prompt's end predicts token 0 of
+        # every candidate, candidate c's token j-1 predicts its token j (the previous kept column).
+        previous = prompt_len + torch.arange(len(kept), device=kept.device) - 1
+        predictors = torch.where(token_of == 0, prompt_len - 1, previous)
+        logits = self.language_model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
+            use_cache=cache is not None, logits_to_keep=predictors,
+        ).logits  # (B, kept, V)
+        token_logp = logits.float().log_softmax(-1).gather(-1, cand_ids[..., None]).squeeze(-1)
+        token_logp = token_logp * column_mask[:, kept]
+        scores = torch.zeros(batch, n_labels, device=token_logp.device).index_add_(1, cand_of, token_logp)
+        return (scores / cand_mask.sum(-1)).softmax(-1)
+
+    @staticmethod
+    def _candidate_tree(
+        attention_mask: torch.Tensor,
+        prompt_len: int,
+        cand_of: torch.Tensor,
+        token_of: torch.Tensor,
+        attention: str,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """4D attention mask `(B, 1, P + N, past + P + N)` and position ids `(B, P + N)` for a
+        left-padded prompt (its last `prompt_len` = P tokens after `past` cached ones) followed by
+        N candidate tokens, column n being token `token_of[n]` of candidate `cand_of[n]`.
+
+        Prompt tokens see the valid prefix/prompt tokens up to themselves; candidate c's token j
+        sees the whole valid prompt and candidate c's tokens 0..j, at position `n_valid + j`.
+        Every token also sees itself, so padding rows stay finite. The mask is boolean (True =
+        attend) for "sdpa" and additive for "eager".
+        """
+        batch, device = attention_mask.shape[0], attention_mask.device
+        valid = attention_mask.bool()  # (B, past + P)
+        past, n_cand = valid.shape[1] - prompt_len, len(cand_of)
+        causal = torch.ones(prompt_len, past + prompt_len, dtype=torch.bool, device=device).tril(diagonal=past)
+        own_tokens = (cand_of[:, None] == cand_of[None, :]) & (token_of[None, :] <= token_of[:, None])
+
+        allowed = torch.zeros(batch, prompt_len + n_cand, past + prompt_len + n_cand, dtype=torch.bool, device=device)
+        allowed[:, :prompt_len, : past + prompt_len] = causal & valid[:, None, :]
+        allowed[:, prompt_len:, : past + prompt_len] = valid[:, None, :]
+        allowed[:, prompt_len:, past + prompt_len :] = own_tokens
+        diagonal = torch.arange(prompt_len + n_cand, device=device)
+        allowed[:, diagonal, past + diagonal] = True
+
+        prompt_positions = IclSerForConditionalGeneration._positions_from_mask(attention_mask, prompt_len)
+        cand_positions = valid.sum(-1, keepdim=True) + token_of[None, :]
+        positions = torch.cat([prompt_positions, cand_positions], dim=1)
+        if attention == "sdpa":
+            return allowed[:, None], positions
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return additive[:, None], positions
 
     @staticmethod
     def _expand_candidates(

@@ -141,6 +141,23 @@ def test_classify_matches_naive_full_forward(tiny, make_audio):
     assert n_audio_per_sample == [3, 1]
 
 
+def test_classify_same_with_eager_attention_and_refuses_kernels_without_4d_masks(tiny, make_audio):
+    model, processor = tiny
+    inputs = _batch(processor, make_audio, ks=[2, 0, 5])
+    sdpa = model.classify(**inputs)
+    lm_config = model.language_model.config
+    original = lm_config._attn_implementation
+    try:
+        model.language_model.set_attn_implementation("eager")  # the additive-mask path
+        torch.testing.assert_close(model.classify(**inputs), sdpa, atol=1e-5, rtol=1e-5)
+        lm_config._attn_implementation = "flash_attention_2"  # only the check runs (no kernel needed)
+        with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+            model.classify(**inputs)
+    finally:
+        model.language_model.set_attn_implementation(original)
+    assert model.language_model.config._attn_implementation == original
+
+
 def test_loss_only_on_answer_tokens(tiny, make_audio):
     model, processor = tiny
     inputs = processor(query=make_audio(1.0), enrollment=[(make_audio(0.5), "calm")], sampling_rate=16000,
