@@ -64,6 +64,7 @@ class TrainingArguments:
     tiny: bool = field(default=False, metadata={"help": "Use the tiny random model (tests, smoke runs)."})
     audio_encoder: Optional[str] = field(default=None, metadata={"help": "Hub id / HF folder / CTranslate2 Whisper folder."})
     language_model: Optional[str] = field(default=None, metadata={"help": "Hub id / HF folder / .gguf file."})
+    language_model_layers: Optional[int] = field(default=None, metadata={"help": "Keep only the LM's first N decoder blocks (cheaper; default: all)."})
     num_audio_tokens: int = field(default=8, metadata={"help": "Speech tokens per utterance."})
     audio_pooling: str = field(default="mean_std", metadata={"help": "Projector pooling: mean or mean_std."})
     # what is trained
@@ -135,7 +136,8 @@ def build_model(args: TrainingArguments, labels: list[str]):
     from modeling_icl_ser.backbones import from_backbones, offline_backbones_available, offline_default
     from modeling_icl_ser.testing import tiny_icl_ser
 
-    settings = {"num_audio_tokens": args.num_audio_tokens, "audio_pooling": args.audio_pooling}
+    settings = {"num_audio_tokens": args.num_audio_tokens, "audio_pooling": args.audio_pooling,
+                "language_model_layers": args.language_model_layers}
     if args.tiny:
         model, processor = tiny_icl_ser(labels=labels, seed=args.seed, num_audio_tokens=args.num_audio_tokens)
         model.config.audio_pooling = args.audio_pooling

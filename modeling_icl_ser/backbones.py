@@ -441,6 +441,25 @@ def load_language_model(source: PathLike, **hub_kwargs) -> tuple[torch.nn.Module
     return model.eval(), tokenizer
 
 
+def keep_first_layers(model: torch.nn.Module, n_layers: int) -> None:
+    """Cut a decoder-only LM to its first ``n_layers`` blocks (final norm and head kept), in place.
+
+    A cheaper, still pretrained LM: each kept block has its original weights, and the lower
+    blocks of a pretrained LM already hold much of its in-context copying machinery. The
+    config is updated so that a saved checkpoint rebuilds the cut model.
+    """
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"Cannot cut {type(model).__name__}: it has no model.layers block list; "
+                         "drop language_model_layers for this LM.")
+    if not 1 <= n_layers <= len(layers):
+        raise ValueError(f"language_model_layers must be between 1 and {len(layers)} (the LM's depth), got {n_layers}.")
+    model.model.layers = layers[:n_layers]
+    model.config.num_hidden_layers = n_layers
+    if isinstance(getattr(model.config, "layer_types", None), list):
+        model.config.layer_types = model.config.layer_types[:n_layers]
+
+
 def _forget_gguf_origin(config) -> None:
     """Drop the GGUF ``quantization_config``: the weights are plain float32 now, and a saved
     icl-ser checkpoint must not ask transformers for a GGUF quantizer on reload."""
@@ -473,6 +492,7 @@ def from_backbones(
     audio_encoder: PathLike,
     language_model: PathLike,
     labels: Optional[list[str]] = None,
+    language_model_layers: Optional[int] = None,
     **config_kwargs,
 ) -> tuple["IclSerForConditionalGeneration", "IclSerProcessor"]:
     """Build ``(IclSerForConditionalGeneration, IclSerProcessor)`` from pretrained backbones.
@@ -482,6 +502,8 @@ def from_backbones(
             faster-whisper / CTranslate2 Whisper folder (``model.bin`` + ``config.json``).
         language_model: Hub id or local HF folder of a causal LM, or a ``.gguf`` file.
         labels: Default emotion vocabulary (``IclSerConfig.labels``); ``None`` keeps the default.
+        language_model_layers: Keep only the LM's first N decoder blocks (see
+            :func:`keep_first_layers`); ``None`` keeps them all.
         **config_kwargs: Other ``IclSerConfig`` fields (``num_audio_tokens``, templates, ...).
 
     Returns:
@@ -501,6 +523,8 @@ def from_backbones(
     _classify_source(language_model, "language_model")
     encoder, feature_extractor = load_audio_encoder(audio_encoder)
     lm, tokenizer = load_language_model(language_model)
+    if language_model_layers is not None:
+        keep_first_layers(lm, language_model_layers)
     if labels is not None:
         config_kwargs["labels"] = list(labels)
     config = IclSerConfig(audio_config=encoder.config, text_config=lm.config, **config_kwargs)
@@ -585,6 +609,7 @@ __all__ = [
     "load_audio_encoder",
     "load_language_model",
     "from_backbones",
+    "keep_first_layers",
     "offline_backbone_paths",
     "offline_backbones_available",
     "offline_default",
