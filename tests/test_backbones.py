@@ -290,6 +290,29 @@ def test_from_backbones_ct2_encoder_and_hf_lm(tmp_path, make_audio):
     assert probs.shape == (1, 3) and torch.allclose(probs.sum(-1), torch.ones(1))
 
 
+def test_language_model_layers_keeps_the_first_blocks_and_saves_the_cut(tmp_path, make_audio):
+    from transformers import AutoModelForCausalLM
+
+    ct2 = write_ct2_model(tmp_path / "ct2", _ct2_encoder_variables(tiny_whisper_encoder()))
+    lm_dir = _tiny_llama_folder(tmp_path / "lm")
+    full = AutoModelForCausalLM.from_pretrained(lm_dir)
+    model, processor = from_backbones(ct2, lm_dir, num_audio_tokens=2, language_model_layers=1)
+
+    assert len(model.language_model.model.layers) == 1 and model.config.text_config.num_hidden_layers == 1
+    kept = model.language_model.model.layers[0].state_dict()
+    for key, value in full.model.layers[0].state_dict().items():
+        assert torch.equal(kept[key], value), key  # the first block's pretrained weights
+    model.save_pretrained(tmp_path / "cut")
+    reloaded = type(model).from_pretrained(tmp_path / "cut")
+    assert len(reloaded.language_model.model.layers) == 1
+    batch = processor(query=make_audio(0.5), sampling_rate=16000)
+    torch.testing.assert_close(reloaded.classify(**batch), model.classify(**batch))
+
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match="between 1 and 2"):
+            from_backbones(ct2, lm_dir, language_model_layers=bad)
+
+
 def test_from_backbones_hf_whisper_folder(tmp_path, make_audio):
     from transformers import WhisperModel
 
