@@ -72,6 +72,7 @@ class EvalArguments:
     validation_speakers: Optional[list[str]] = field(default=None, metadata={"help": "Explicit validation speakers (as in train.py)."})
     test_speakers: Optional[list[str]] = field(default=None, metadata={"help": "Explicit test speakers (as in train.py)."})
     seed: int = field(default=0, metadata={"help": "Seed of the speaker split and the episodes (train.py's --seed)."})
+    eval_split: str = field(default="test", metadata={"help": "test (report once) or validation (choose settings on it)."})
     # sweep
     k: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8], metadata={"help": "Enrollment sizes K."})
     mode: list[str] = field(default_factory=lambda: ["arbitrary"], metadata={"help": "arbitrary, balanced and/or exclude_query_class."})
@@ -92,6 +93,10 @@ class EvalArguments:
 
         check_corpus_name(self.corpus)
         parse_corpus_options(self.corpus_options)
+        if self.eval_split not in ("test", "validation"):
+            raise ValueError(f"--eval_split must be test or validation, got {self.eval_split!r}.")
+        if self.update_model_card and self.eval_split != "test":
+            raise ValueError("--update_model_card reports test-speaker results; drop it with --eval_split validation.")
         unknown = [m for m in self.methods if m not in METHODS + ("all", "baselines")]
         if unknown:
             raise ValueError(f"Unknown method(s) {unknown}; choose among {', '.join(METHODS)}, 'baselines' or 'all'.")
@@ -168,8 +173,9 @@ def prepare_data(args: EvalArguments) -> dict[str, Any]:
         table["speaker"], seed=args.seed,
         validation_speakers=args.validation_speakers, test_speakers=args.test_speakers,
     )
-    if not splits["test"]:
-        raise ValueError(f"Corpus {args.corpus!r} has no test speakers; pass --test_speakers.")
+    split = args.eval_split
+    if not splits[split]:
+        raise ValueError(f"Corpus {args.corpus!r} has no {split} speakers; pass --{split}_speakers.")
     episodes: dict[tuple[str, int], list[dict]] = {}
     for mode in args.mode:
         for k in args.k:
@@ -177,17 +183,17 @@ def prepare_data(args: EvalArguments) -> dict[str, Any]:
                 args.corpus, args.data_dir, k=k, mode=mode, seed=args.seed,
                 episodes_per_speaker=args.episodes_per_speaker,
                 validation_speakers=splits["validation"], test_speakers=splits["test"], **parse_corpus_options(args.corpus_options),
-            )["test"]
+            )[split]
             episodes[(mode, k)] = list(built)
             if not episodes[(mode, k)]:
-                raise ValueError(f"No test episodes for K={k} in mode {mode!r}: the test speakers are too small.")
+                raise ValueError(f"No {split} episodes for K={k} in mode {mode!r}: the {split} speakers are too small.")
     used = {e["emotion"] for es in episodes.values() for e in es} | {
         label for es in episodes.values() for e in es for label in e["enrollment_labels"]
     }
     missing = sorted(used - set(labels))
     if missing:
         raise ValueError(
-            f"Test episodes use labels {missing} that are not in the label set {labels}; "
+            f"The {split} episodes use labels {missing} that are not in the label set {labels}; "
             "pass --labels including them (or drop --labels to use the corpus' emotions)."
         )
     return {"table": table, "labels": labels, "splits": splits, "episodes": episodes}
@@ -379,6 +385,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "labels": labels,
         "corpus": args.corpus,
         "splits": splits,
+        "eval_split": args.eval_split,
         "n_test_episodes": {f"{mode}/k{k}": len(eps) for (mode, k), eps in episodes.items()},
         "baseline_features": feature_source,
         "baselines": {name: method.describe() for name, method in fitted.items()},
@@ -420,7 +427,7 @@ def results_markdown(report: dict) -> str:
     for mode in modes:
         lines += [
             f"**{report['corpus']}**, `{mode}` enrollment: UA % (± half-width of the bootstrap 95% CI over "
-            f"episodes); {len(report['splits']['test'])} test speakers, labels: {', '.join(report['labels'])}.",
+            f"episodes); {len(report['splits'][report['eval_split']])} {report['eval_split']} speakers, labels: {', '.join(report['labels'])}.",
             "",
             "| method | " + " | ".join(f"K={k}" for k in ks) + " |",
             "|---|" + "---:|" * len(ks),

@@ -49,6 +49,8 @@ def models(tmp_path_factory):
         (["--model", "/nonexistent/model"], "not a folder"),
         (["--labels", "anger", "happiness"], "not in the label set"),
         (["--validation_speakers", "spk00"], "test split has no speaker"),
+        (["--eval_split", "train"], "--eval_split must be test or validation"),
+        (["--eval_split", "validation", "--model", str(REPO), "--update_model_card"], "drop it with --eval_split"),
     ],
 )
 def test_bad_inputs_fail_before_any_work(args, message, tmp_path):
@@ -111,3 +113,12 @@ def test_baselines_only_with_tiny_encoder(tmp_path):
     assert report["methods"] == ["si", "prototypes"] and report["baseline_features"].startswith("tiny")
     assert {r["k"] for r in report["results"]} == {0, 1}
     assert (tmp_path / "results.md").is_file() and (tmp_path / "README.md").is_file()
+
+
+def test_validation_split_evaluates_the_validation_speakers(tmp_path):
+    report = run_eval([*FAST, "--tiny", "--methods", "si", "--k", "0", "2", "--eval_split", "validation",
+                       "--output_dir", str(tmp_path)])
+    assert report["eval_split"] == "validation"
+    predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert {p["speaker"] for p in predictions} == set(report["splits"]["validation"])
+    assert "validation speakers" in (tmp_path / "results.md").read_text()
