@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from dataset_builder import EpisodeSampler, build_episodes, read_corpus, split_speakers
+from dataset_builder.virtual_speakers import SEPARATOR, add_virtual_speakers
 from dataset_builder.cli import parse_arguments as parse_script_arguments, parse_corpus_options
 from modeling_icl_ser import IclSerDataCollator, save_with_pipeline
 from modeling_icl_ser.episodic import EncodedUtterances, episode_example, native_bf16_available, predict_episodes
@@ -79,6 +80,7 @@ class TrainingArguments:
     k_min: int = field(default=0, metadata={"help": "Smallest K drawn for a training episode."})
     k_max: int = field(default=8, metadata={"help": "Largest K drawn for a training episode."})
     enrollment_mode: str = field(default="arbitrary", metadata={"help": "arbitrary, balanced or exclude_query_class."})
+    virtual_speakers: int = field(default=0, metadata={"help": "Virtual speakers per training speaker (one voice transform each; 0 = none)."})
     loss_on_enrollment_labels: bool = field(default=False, metadata={"help": "Also train on the enrollment labels' tokens."})
     # optimisation
     max_steps: int = field(default=200)
@@ -117,6 +119,10 @@ class TrainingArguments:
             raise ValueError(f"Need 0 <= --k_min <= --k_max, got {self.k_min} and {self.k_max}.")
         if self.lora_r < 1:
             raise ValueError(f"--lora_r must be >= 1, got {self.lora_r} (use --lm_lora false to freeze the LM).")
+        if self.virtual_speakers < 0:
+            raise ValueError(f"--virtual_speakers must be >= 0, got {self.virtual_speakers}.")
+        if self.language_model_layers is not None and self.language_model_layers < 1:
+            raise ValueError(f"--language_model_layers must be >= 1, got {self.language_model_layers}.")
         if self.max_steps < 1 or self.batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("--max_steps, --batch_size and --gradient_accumulation_steps must be >= 1.")
         if self.push_to_hub and not self.hub_model_id:
@@ -218,9 +224,15 @@ def prepare_episodes(args, accelerator, table, labels, model, processor) -> Epis
         table["speaker"], seed=args.seed,
         validation_speakers=args.validation_speakers, test_speakers=args.test_speakers,
     )
+    train_speakers = list(splits["train"])
+    if args.virtual_speakers:
+        with accelerator.main_process_first():  # rendered once, then read from the cache
+            table = add_virtual_speakers(table, splits["train"], args.virtual_speakers, seed=args.seed,
+                                         show_progress=accelerator.is_local_main_process)
+        train_speakers = sorted({s for s in table["speaker"] if s.split(SEPARATOR)[0] in set(splits["train"])})
     # Each process draws its own stream; all are reproducible from (seed, process index).
     sampler = EpisodeSampler(
-        table, speakers=splits["train"], k=(args.k_min, args.k_max), mode=args.enrollment_mode,
+        table, speakers=train_speakers, k=(args.k_min, args.k_max), mode=args.enrollment_mode,
         seed=args.seed * 1000 + accelerator.process_index,
     )
     validation = {}
@@ -237,7 +249,7 @@ def prepare_episodes(args, accelerator, table, labels, model, processor) -> Epis
         cache_dir = args.feature_cache_dir or os.path.join(
             os.environ.get("ICL_SER_CACHE", os.path.expanduser("~/.cache/icl_ser")), "features"
         )
-        used = set(splits["train"]) | set(splits["validation"])
+        used = set(train_speakers) | set(splits["validation"])
         rows = [row for row in table if row["speaker"] in used]  # test speakers stay untouched
         with accelerator.main_process_first():
             encoded = EncodedUtterances(

@@ -58,7 +58,30 @@ def test_bad_arguments_fail_before_work(tmp_path):
         train.main([*FAST, "--push_to_hub", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="corpus_options"):
         train.main([*FAST, "--corpus_options", "[1]", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="virtual_speakers"):
+        train.main([*FAST, "--virtual_speakers", "-1", "--output_dir", str(tmp_path)])
     assert not (tmp_path / "final").exists()
+
+
+def test_virtual_speakers_join_training_only(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO))
+    import train
+
+    monkeypatch.setenv("ICL_SER_CACHE", str(tmp_path / "cache"))
+    seen = {}
+    original = train.EpisodeSampler.__init__
+
+    def spy(self, table, speakers=None, **kwargs):
+        seen["speakers"] = list(speakers)
+        original(self, table, speakers=speakers, **kwargs)
+
+    monkeypatch.setattr(train.EpisodeSampler, "__init__", spy)
+    summary = train.main([*FAST, "--max_steps", "1", "--eval_k", "0", "--virtual_speakers", "2",
+                          "--output_dir", str(tmp_path / "out")])
+    assert summary["steps"] == 1
+    real = [s for s in seen["speakers"] if "@v" not in s]
+    assert len(real) == 4 and len(seen["speakers"]) == 4 * 3  # 4 training speakers, 2 voices each
+    assert len(list((tmp_path / "cache" / "virtual").glob("*.flac"))) == 4 * 2 * 24
 
 
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
