@@ -435,7 +435,7 @@ def results_markdown(report: dict) -> str:
         for method in report["methods"]:
             cells = [_cell(by_key[(method, mode, k)]) if (method, mode, k) in by_key else "–" for k in ks]
             lines.append(f"| {METHOD_TITLES.get(method, method)} | " + " | ".join(cells) + " |")
-        lines += ["", f"Per-speaker UA, `{mode}`: minimum / standard deviation across test speakers (%).", "",
+        lines += ["", f"Per-speaker UA, `{mode}`: minimum / standard deviation across {report['eval_split']} speakers (%).", "",
                   "| method | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]
         for method in report["methods"]:
             cells = [

@@ -3,8 +3,10 @@
 
 Each step draws fresh episodes from the training speakers — K enrollment (utterance, label)
 pairs of one speaker (K drawn from a range, labels arbitrary) and a query of the same speaker —
-and trains the model to produce the query's label. The encoder is frozen with cached features
-by default; the projector is trained and the LM gets LoRA adapters (peft).
+and trains the model to produce the labels (each enrollment label before it is seen, and the
+query's). Defaults are the best setting of docs/RESULTS.md: the encoder frozen with cached
+features, a trained projector, the LM cut to its first 8 blocks with LoRA adapters (peft),
+4 virtual speakers (voice transforms) per training speaker, 16 episodes per step.
 
     python train.py                                   # embedded synthetic corpus, offline backbones
     python train.py --tiny --max_steps 20             # tiny random model (smoke run)
@@ -65,7 +67,7 @@ class TrainingArguments:
     tiny: bool = field(default=False, metadata={"help": "Use the tiny random model (tests, smoke runs)."})
     audio_encoder: Optional[str] = field(default=None, metadata={"help": "Hub id / HF folder / CTranslate2 Whisper folder."})
     language_model: Optional[str] = field(default=None, metadata={"help": "Hub id / HF folder / .gguf file."})
-    language_model_layers: Optional[int] = field(default=None, metadata={"help": "Keep only the LM's first N decoder blocks (cheaper; default: all)."})
+    language_model_layers: int = field(default=8, metadata={"help": "Keep the LM's first N pretrained blocks (cheaper, and best in docs/RESULTS.md); 0 = all."})
     num_audio_tokens: int = field(default=8, metadata={"help": "Speech tokens per utterance."})
     audio_pooling: str = field(default="mean_std", metadata={"help": "Projector pooling: mean or mean_std."})
     # what is trained
@@ -80,11 +82,11 @@ class TrainingArguments:
     k_min: int = field(default=0, metadata={"help": "Smallest K drawn for a training episode."})
     k_max: int = field(default=8, metadata={"help": "Largest K drawn for a training episode."})
     enrollment_mode: str = field(default="arbitrary", metadata={"help": "arbitrary, balanced or exclude_query_class."})
-    virtual_speakers: int = field(default=0, metadata={"help": "Virtual speakers per training speaker (one voice transform each; 0 = none)."})
-    loss_on_enrollment_labels: bool = field(default=False, metadata={"help": "Also train on the enrollment labels' tokens."})
+    virtual_speakers: int = field(default=4, metadata={"help": "Virtual speakers per training speaker (one voice transform each; 0 = none)."})
+    loss_on_enrollment_labels: bool = field(default=True, metadata={"help": "Also train on the enrollment labels' tokens (K+1 answers per episode)."})
     # optimisation
     max_steps: int = field(default=200)
-    batch_size: int = field(default=8, metadata={"help": "Episodes per micro-batch (per process)."})
+    batch_size: int = field(default=16, metadata={"help": "Episodes per micro-batch (per process)."})
     gradient_accumulation_steps: int = field(default=1)
     learning_rate: float = field(default=1e-3)
     weight_decay: float = field(default=0.0)
@@ -121,8 +123,8 @@ class TrainingArguments:
             raise ValueError(f"--lora_r must be >= 1, got {self.lora_r} (use --lm_lora false to freeze the LM).")
         if self.virtual_speakers < 0:
             raise ValueError(f"--virtual_speakers must be >= 0, got {self.virtual_speakers}.")
-        if self.language_model_layers is not None and self.language_model_layers < 1:
-            raise ValueError(f"--language_model_layers must be >= 1, got {self.language_model_layers}.")
+        if self.language_model_layers < 0:
+            raise ValueError(f"--language_model_layers must be >= 0 (0 keeps every block), got {self.language_model_layers}.")
         if self.max_steps < 1 or self.batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("--max_steps, --batch_size and --gradient_accumulation_steps must be >= 1.")
         if self.push_to_hub and not self.hub_model_id:
@@ -143,7 +145,7 @@ def build_model(args: TrainingArguments, labels: list[str]):
     from modeling_icl_ser.testing import tiny_icl_ser
 
     settings = {"num_audio_tokens": args.num_audio_tokens, "audio_pooling": args.audio_pooling,
-                "language_model_layers": args.language_model_layers}
+                "language_model_layers": args.language_model_layers or None}
     if args.tiny:
         model, processor = tiny_icl_ser(labels=labels, seed=args.seed, num_audio_tokens=args.num_audio_tokens)
         model.config.audio_pooling = args.audio_pooling

@@ -24,7 +24,7 @@ def run_eval(args):
 
 def train_tiny(output_dir: Path, *extra) -> Path:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, str(REPO / "train.py"), *CORPUS, "--tiny", "--batch_size", "2", "--max_steps", "2",
+    command = [sys.executable, str(REPO / "train.py"), *CORPUS, "--tiny", "--virtual_speakers", "0", "--batch_size", "2", "--max_steps", "2",
                "--eval_k", "0", "--eval_episodes_per_speaker", "2", "--log_with", "none",
                "--output_dir", str(output_dir), *extra]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "train.py")
 # A small synthetic corpus keeps these runs to seconds (6 speakers: 4 train, 1 validation, 1 test).
 SMALL = ["--corpus", "synthetic", "--corpus_options", json.dumps({"n_speakers": 6, "utterances_per_emotion": 4})]
-FAST = SMALL + ["--tiny", "--batch_size", "2", "--eval_episodes_per_speaker", "4", "--log_with", "none"]
+FAST = SMALL + ["--tiny", "--virtual_speakers", "0", "--batch_size", "2", "--eval_episodes_per_speaker", "4", "--log_with", "none"]
 
 
 def run_train(args, output_dir, **kwargs):
@@ -58,6 +58,8 @@ def test_bad_arguments_fail_before_work(tmp_path):
         train.main([*FAST, "--push_to_hub", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="corpus_options"):
         train.main([*FAST, "--corpus_options", "[1]", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="language_model_layers"):
+        train.main([*FAST, "--language_model_layers", "-1", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="virtual_speakers"):
         train.main([*FAST, "--virtual_speakers", "-1", "--output_dir", str(tmp_path)])
     assert not (tmp_path / "final").exists()
