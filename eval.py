@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -260,9 +259,9 @@ def feature_model(args: EvalArguments, labels: list[str], loaded: dict[str, Any]
 
 
 def feature_cache_dir(args: EvalArguments) -> str:
-    return args.feature_cache_dir or os.path.join(
-        os.environ.get("ICL_SER_CACHE", os.path.expanduser("~/.cache/icl_ser")), "features"
-    )
+    from dataset_builder.synthetic import default_cache_root
+
+    return args.feature_cache_dir or str(default_cache_root() / "features")
 
 
 # ------------------------------------------------------------------------------- running
@@ -402,15 +401,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 # ------------------------------------------------------------------------------- outputs
 def _atomic_write(path: Path, text: str) -> None:
+    from dataset_builder.feature_cache import write_atomically
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+    write_atomically(path, lambda temporary: Path(temporary).write_text(text), prefix=f".{path.name}-")
 
 
 def _cell(result: dict) -> str:

@@ -42,7 +42,8 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from dataset_builder import EpisodeSampler, build_episodes, read_corpus, split_speakers
-from dataset_builder.virtual_speakers import SEPARATOR, add_virtual_speakers
+from dataset_builder.synthetic import default_cache_root
+from dataset_builder.virtual_speakers import add_virtual_speakers, real_speaker
 from dataset_builder.cli import parse_arguments as parse_script_arguments, parse_corpus_options
 from modeling_icl_ser import IclSerDataCollator, save_with_pipeline
 from modeling_icl_ser.episodic import EncodedUtterances, episode_example, native_bf16_available, predict_episodes
@@ -231,7 +232,8 @@ def prepare_episodes(args, accelerator, table, labels, model, processor) -> Epis
         with accelerator.main_process_first():  # rendered once, then read from the cache
             table = add_virtual_speakers(table, splits["train"], args.virtual_speakers, seed=args.seed,
                                          show_progress=accelerator.is_local_main_process)
-        train_speakers = sorted({s for s in table["speaker"] if s.split(SEPARATOR)[0] in set(splits["train"])})
+        real_train = set(splits["train"])
+        train_speakers = sorted({s for s in table["speaker"] if real_speaker(s) in real_train})
     # Each process draws its own stream; all are reproducible from (seed, process index).
     sampler = EpisodeSampler(
         table, speakers=train_speakers, k=(args.k_min, args.k_max), mode=args.enrollment_mode,
@@ -248,9 +250,7 @@ def prepare_episodes(args, accelerator, table, labels, model, processor) -> Epis
         validation[k] = list(episodes)
     encoded = None
     if args.encoder_mode == "frozen":
-        cache_dir = args.feature_cache_dir or os.path.join(
-            os.environ.get("ICL_SER_CACHE", os.path.expanduser("~/.cache/icl_ser")), "features"
-        )
+        cache_dir = args.feature_cache_dir or str(default_cache_root() / "features")
         used = set(train_speakers) | set(splits["validation"])
         rows = [row for row in table if row["speaker"] in used]  # test speakers stay untouched
         with accelerator.main_process_first():

@@ -38,6 +38,19 @@ FORMAT = "icl-ser-feature-cache/1"
 Tensors = dict[str, torch.Tensor]
 
 
+def write_atomically(path: Path, write: Callable[[str], None], prefix: str = ".tmp-") -> None:
+    """Call ``write(temporary_path)`` on a temporary file beside ``path``, then rename it into
+    place: readers see the old file or the whole new one, never a half-written one."""
+    handle, temporary = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
 def content_key_for_file(path: Union[str, os.PathLike]) -> str:
     """SHA-256 of a file's bytes (the cache key of an audio file)."""
     digest = hashlib.sha256()
@@ -108,18 +121,10 @@ class FeatureCache:
             raise ValueError("put() needs a non-empty dict of name -> torch.Tensor.")
         path = self.path_for(content_key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{content_key[:8]}-", suffix=".tmp", dir=path.parent)
-        os.close(handle)
-        try:
-            save_file(
-                {name: t.detach().cpu().contiguous() for name, t in tensors.items()},
-                temporary,
-                metadata={"format": FORMAT, "encoder_id": self.encoder_id, "content_key": content_key},
-            )
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
+        tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+        metadata = {"format": FORMAT, "encoder_id": self.encoder_id, "content_key": content_key}
+        write_atomically(path, lambda temporary: save_file(tensors, temporary, metadata=metadata),
+                         prefix=f".{content_key[:8]}-")
 
     def get_or_compute(self, content_key: str, compute: Callable[[], Tensors]) -> Tensors:
         """The cached tensors, computing and storing them with ``compute()`` on a miss."""

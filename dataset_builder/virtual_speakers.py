@@ -24,18 +24,23 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .feature_cache import content_key_for_file
+from .feature_cache import content_key_for_file, write_atomically
 from .synthetic import default_cache_root
 
 SEPARATOR = "@v"  # virtual speaker "03@v2" = transform 2 of real speaker "03"
 RATIO_GRID = tuple(n / 40 for n in range(34, 47) if n != 40)  # 0.85 ... 1.15, without 1.0
+
+
+def real_speaker(name: str) -> str:
+    """The real speaker behind a (virtual or real) speaker name: "03@v2" -> "03"."""
+    return str(name).split(SEPARATOR)[0]
 
 
 @dataclass(frozen=True)
@@ -111,14 +116,7 @@ def _render(source: str, transform: VoiceTransform, folder: Path) -> tuple[str, 
         return str(target), sf.info(str(target)).duration
     samples, rate = sf.read(source, dtype="float32", always_2d=True)
     out = transform.apply(samples.mean(axis=1), rate)
-    handle, temporary = tempfile.mkstemp(prefix=".virtual-", suffix=".flac", dir=folder)
-    os.close(handle)
-    try:
-        sf.write(temporary, out, rate, format="FLAC")
-        os.replace(temporary, target)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+    write_atomically(target, lambda temporary: sf.write(temporary, out, rate, format="FLAC"), prefix=".virtual-")
     return str(target), out.size / rate
 
 
@@ -152,21 +150,22 @@ def add_virtual_speakers(
     from tqdm.auto import tqdm
 
     rows = [dict(row) for row in utterances]
-    known = {row["speaker"] for row in rows}
-    unknown = sorted(set(speakers) - known)
+    rows_of = defaultdict(list)
+    for row in rows:
+        rows_of[row["speaker"]].append(row)
+    unknown = sorted(set(speakers) - set(rows_of))
     if unknown:
         raise ValueError(f"Unknown speakers {unknown[:5]}; make virtual speakers from the table's (training) speakers.")
     transforms = virtual_speaker_transforms(sorted(set(speakers)), per_speaker, seed)
     folder = Path(cache_dir) if cache_dir else default_cache_root() / "virtual"
     folder.mkdir(parents=True, exist_ok=True)
-    jobs = [(row, name, transform) for name, transform in transforms.items()
-            for row in rows if row["speaker"] == name.split(SEPARATOR)[0]]
+    jobs = [(row, name, transform) for name, transform in transforms.items() for row in rows_of[real_speaker(name)]]
     added = []
     for row, name, transform in tqdm(jobs, desc="virtual speakers", disable=not show_progress):
         path, seconds = _render(row["path"], transform, folder)
-        suffix = name[len(row["speaker"]):]
+        suffix = name[len(row["speaker"]):]  # "@v<j>"
         added.append({**row, "id": f"{row['id']}{suffix}", "speaker": name, "path": path, "duration": float(seconds)})
     return Dataset.from_list(rows + added)
 
 
-__all__ = ["VoiceTransform", "add_virtual_speakers", "virtual_speaker_transforms", "SEPARATOR"]
+__all__ = ["VoiceTransform", "add_virtual_speakers", "real_speaker", "virtual_speaker_transforms", "SEPARATOR"]
