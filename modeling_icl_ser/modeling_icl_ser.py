@@ -364,8 +364,8 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
             audio_hidden_states / audio_hidden_mask: cached encoder outputs `(n_audio, T, D)` and
                 `(n_audio, T)`, used instead of `input_features` (frozen-encoder training).
             labels: `(batch, seq)` targets, -100 except on answer tokens → shifted LM loss. The
-                returned logits then cover only the final positions, from the one predicting
-                the first target on (the loss needs no others).
+                returned logits then cover only the columns that predict a target token in
+                some row, in order (the loss needs no others).
             position_ids: Defaults to positions counted from `attention_mask`.
             cache: Key/value cache (`past_key_values` is accepted as its old name).
             candidate_input_ids / candidate_attention_mask: Accepted and ignored, so one
@@ -386,9 +386,9 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
             position_ids = self._positions_from_mask(attention_mask, inputs_embeds.shape[1])
         if labels is not None and isinstance(logits_to_keep, int) and logits_to_keep == 0:
-            # Targets sit at the end of left-padded rows: the LM head (vocabulary-sized, a fifth
-            # of a small LM's compute) only runs from the position predicting the first target.
-            logits_to_keep, labels = self._target_suffix(labels)
+            # The LM head is vocabulary-sized (a fifth of a small LM's compute, more for a cut
+            # one): run it only at the positions that predict a target token.
+            return self._loss_at_targets(inputs_embeds, attention_mask, position_ids, cache, use_cache, labels, kwargs)
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -400,15 +400,31 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
             **kwargs,
         )
 
-    @staticmethod
-    def _target_suffix(labels: torch.Tensor) -> tuple[int, torch.Tensor]:
-        """How many final positions carry (or predict) a target, and the labels cut to them."""
-        has_target = (labels != -100).any(0)
-        if not bool(has_target.any()):
-            return 0, labels
-        first = int(has_target.nonzero()[0])
-        keep = labels.shape[1] - max(first - 1, 0)
-        return keep, labels[:, -keep:]
+    def _loss_at_targets(self, inputs_embeds, attention_mask, position_ids, cache, use_cache, labels, kwargs):
+        """Shifted LM loss with logits only at the columns that predict a target in some row.
+
+        Returns logits `(batch, n_predicting_columns, vocab)`; the loss is the mean over target
+        tokens (or their sum over `num_items_in_batch`, as transformers' loss takes it).
+        """
+        num_items = kwargs.pop("num_items_in_batch", None)
+        targets = labels[:, 1:].to(inputs_embeds.device)
+        predictors = (targets != -100).any(0).nonzero().squeeze(-1)
+        if len(predictors) == 0:  # no target at all: keep one column so shapes stay valid
+            predictors = torch.tensor([labels.shape[1] - 1], device=inputs_embeds.device)
+            targets = torch.full((labels.shape[0], labels.shape[1]), -100, device=inputs_embeds.device)
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+            cache=cache, use_cache=use_cache, logits_to_keep=predictors, **kwargs,
+        )
+        chosen = targets[:, predictors]
+        loss = nn.functional.cross_entropy(
+            outputs.logits.float().flatten(0, 1), chosen.flatten(), ignore_index=-100,
+            reduction="sum" if num_items is not None else "mean",
+        )
+        if num_items is not None:
+            loss = loss / num_items
+        return CausalLMOutputWithPast(loss=loss, logits=outputs.logits, past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
     # --------------------------------------------------------------------------- classify
     @torch.no_grad()

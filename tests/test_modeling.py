@@ -174,9 +174,23 @@ def test_loss_only_on_answer_tokens(tiny, make_audio):
     keep = targets != -100
     expected = -logp[keep].gather(-1, targets[keep][:, None]).mean()
     torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
-    # With labels, only the positions from the one predicting the first target get logits.
-    assert out.logits.shape[1] == len(answer_ids) + 1
-    torch.testing.assert_close(out.logits[0], full.logits[0, -len(answer_ids) - 1 :], atol=1e-5, rtol=1e-5)
+    # With labels, only the positions that predict a target get logits.
+    assert out.logits.shape[1] == len(answer_ids)
+    torch.testing.assert_close(out.logits[0], full.logits[0, -len(answer_ids) - 1 : -1], atol=1e-5, rtol=1e-5)
+
+
+def test_loss_over_enrollment_and_query_targets_in_a_padded_batch(tiny, make_audio):
+    model, processor = tiny
+    batch = _batch(processor, make_audio, [0, 3], answer=["calm", "fear"], label_enrollment=True)
+    with torch.no_grad():
+        out = model(**batch)
+        full = model(**{k: v for k, v in batch.items() if k != "labels"})
+    logp = full.logits[:, :-1].log_softmax(-1)
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    expected = -logp[keep].gather(-1, targets[keep][:, None]).mean()
+    torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
+    assert out.logits.shape[1] == int(keep.any(0).sum()) < batch["input_ids"].shape[1] - 1
 
 
 def test_audio_changes_the_output(tiny, make_audio):
