@@ -72,6 +72,8 @@ class TrainingArguments:
     num_audio_tokens: int = field(default=8, metadata={"help": "Speech tokens per utterance."})
     audio_pooling: str = field(default="mean_std", metadata={"help": "Projector pooling: mean or mean_std."})
     audio_feature_layer: Optional[int] = field(default=None, metadata={"help": "Encoder block the projector reads (1 = first; default: the last)."})
+    enrollment_template: Optional[str] = field(default=None, metadata={"help": "Enrollment line with {audio} and {answer} (default: the config's)."})
+    query_template: Optional[str] = field(default=None, metadata={"help": "Query line with {audio} (default: the config's)."})
     audio_token_dropout: float = field(default=0.0, metadata={"help": "Dropout on the pooled audio features while training."})
     # what is trained
     encoder_mode: str = field(default="frozen", metadata={"help": "frozen (cached features), lora or full."})
@@ -156,6 +158,8 @@ def build_model(args: TrainingArguments, labels: list[str]):
 
     audio_settings = {"audio_pooling": args.audio_pooling, "audio_feature_layer": args.audio_feature_layer,
                       "audio_token_dropout": args.audio_token_dropout}
+    audio_settings.update({name: getattr(args, name) for name in ("enrollment_template", "query_template")
+                           if getattr(args, name) is not None})
     settings = {"num_audio_tokens": args.num_audio_tokens, "language_model_layers": args.language_model_layers or None,
                 **audio_settings}
     if args.tiny:
@@ -510,7 +514,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                     state["evals_without_gain"] += 1
         state["history"].append(record)
         if accelerator.is_main_process:
-            write_metrics_row(log_path, record)
+            write_metrics_row(log_path, record, args.eval_k)
         if trackers:
             accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state["step"])
 
@@ -531,8 +535,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return summary
 
 
-def write_metrics_row(path: Path, record: dict) -> None:
-    fields = ["step", "loss", "lr", "val_ua_mean"] + sorted(k for k in record if k.startswith("val_ua_k"))
+def write_metrics_row(path: Path, record: dict, eval_k: list[int]) -> None:
+    """Append one step to ``metrics.csv``; the header names every validation column from the start."""
+    fields = ["step", "loss", "lr", "val_ua_mean"] + [f"val_ua_k{k}" for k in eval_k]
     new = not path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", newline="") as handle:
@@ -540,6 +545,39 @@ def write_metrics_row(path: Path, record: dict) -> None:
         if new:
             writer.writeheader()
         writer.writerow(record)
+
+
+def plot_learning_curve(metrics_csv: Path, png: Path) -> Optional[Path]:
+    """Validation UA at each K (and the training loss) against step, from ``metrics.csv``.
+
+    Written next to the metrics so every run keeps its curve, not only its end point.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(metrics_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    columns = sorted((c for c in rows[0] if c.startswith("val_ua_k")), key=lambda c: int(c[len("val_ua_k"):])) if rows else []
+    evaluated = [r for r in rows if r.get("val_ua_mean")]
+    if not evaluated:
+        return None
+    figure, (ua_axis, loss_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for column in columns:
+        points = [(int(r["step"]), float(r[column])) for r in evaluated if r.get(column)]
+        ua_axis.plot(*zip(*points), marker="o", label=f"K = {column[len('val_ua_k'):]}")
+    ua_axis.set(xlabel="step", ylabel="validation UA", title="Validation UA by enrollment size")
+    ua_axis.legend(fontsize=8)
+    loss_axis.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], linewidth=0.6)
+    loss_axis.set(xlabel="step", ylabel="training loss", yscale="log", title="Training loss")
+    figure.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    temporary = png.with_name(f".{png.name}.tmp.png")
+    figure.savefig(temporary, dpi=110)
+    plt.close(figure)
+    os.replace(temporary, png)
+    return png
 
 
 def finish(args, accelerator, model, processor, data, state, backbones, started, best_path, collator) -> dict:
@@ -564,6 +602,9 @@ def finish(args, accelerator, model, processor, data, state, backbones, started,
         "n_validation_speakers": len(data.splits["validation"]),
     }
     if accelerator.is_main_process:
+        metrics_csv = Path(args.output_dir) / "metrics.csv"
+        if metrics_csv.is_file():
+            plot_learning_curve(metrics_csv, Path(args.output_dir) / "learning_curve.png")
         folder = export(unwrapped, processor, args, summary, Path(args.output_dir))
         accelerator.print(
             "Validation UA: " + ", ".join(f"K={k[len('val_ua_k'):]}: {v:.3f}" for k, v in scores.items() if k.startswith("val_ua_k"))

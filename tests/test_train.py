@@ -44,8 +44,10 @@ def test_few_steps_export_and_metrics(tmp_path):
     card = (final / "README.md").read_text()
     assert "synthetic" in card and "val_ua_k8" in card and "library_name: transformers" in card
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
-    assert rows[0].startswith("step,loss") and len(rows) == 4
+    assert rows[0] == "step,loss,lr,val_ua_mean,val_ua_k0,val_ua_k4,val_ua_k8" and len(rows) == 4
+    assert len(rows[2].split(",")) == 7 and rows[2].split(",")[4]  # step 2 was validated
     assert (tmp_path / "checkpoints" / "step-2" / "trainer_state.json").is_file()
+    assert (tmp_path / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bad_arguments_fail_before_work(tmp_path):
