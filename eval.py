@@ -69,6 +69,7 @@ class EvalArguments:
     methods: list[str] = field(default_factory=lambda: ["all"], metadata={"help": f"Any of {', '.join(METHODS)}, 'baselines' or 'all'."})
     audio_encoder: Optional[str] = field(default=None, metadata={"help": "Encoder for the baselines without --model (default: offline Whisper tiny.en)."})
     tiny: bool = field(default=False, metadata={"help": "Baselines on the tiny random model's encoder (tests)."})
+    audio_feature_layer: Optional[int] = field(default=None, metadata={"help": "Encoder block the baselines read without --model (1 = first; default: the last). With --model, the model's own setting is used."})
     # data
     corpus: str = field(default="synthetic", metadata={"help": "ravdess, cremad, emodb, iemocap, esd, ased, emotiontts-ko, manifest or synthetic; several comma-separated."})
     data_dir: Optional[str] = field(default=None, metadata={"help": "Corpus folder (or manifest), one per corpus, comma-separated; not needed for synthetic."})
@@ -126,6 +127,11 @@ class EvalArguments:
             raise ValueError("Method slm_no_icl needs --baseline_model (a model trained with --k_min 0 --k_max 0).")
         if self.update_model_card and not self.model:
             raise ValueError("--update_model_card needs --model (the folder whose README.md is updated).")
+        if self.audio_feature_layer is not None and self.model:
+            raise ValueError("--audio_feature_layer is for baselines without --model; with --model the baselines read "
+                             "the model's own encoder block (its config's audio_feature_layer). Drop one of them.")
+        if self.audio_feature_layer is not None and self.audio_feature_layer < 1:
+            raise ValueError(f"--audio_feature_layer must be >= 1 (1 = the encoder's first block), got {self.audio_feature_layer}.")
         if self.baseline_train_steps < 1:
             raise ValueError(f"--baseline_train_steps must be >= 1, got {self.baseline_train_steps}.")
         if self.episodes_per_speaker is not None and self.episodes_per_speaker < 1:
@@ -259,7 +265,7 @@ def load_icl_model(folder: str, device: str):
     return model, processor
 
 
-def encoder_only_model(source: str, labels: list[str]):
+def encoder_only_model(source: str, labels: list[str], audio_feature_layer: Optional[int] = None):
     """An icl-ser wrapper around a bare audio encoder (tiny random LM), for EncodedUtterances.
 
     The encoder fingerprint depends only on the encoder, so features cached here are shared
@@ -278,7 +284,7 @@ def encoder_only_model(source: str, labels: list[str]):
         audio_config=encoder.config,
         text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                 num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id),
-        num_audio_tokens=1, labels=labels,
+        num_audio_tokens=1, labels=labels, audio_feature_layer=audio_feature_layer,
     )
     processor = IclSerProcessor.from_model_config(feature_extractor, tokenizer, config)
     config.audio_token_id = processor.audio_token_id
@@ -298,15 +304,16 @@ def feature_model(args: EvalArguments, labels: list[str], loaded: dict[str, Any]
     if args.tiny:
         from modeling_icl_ser.testing import tiny_icl_ser
 
-        model, processor = tiny_icl_ser(labels=labels, seed=args.seed)
+        model, processor = tiny_icl_ser(labels=labels, seed=args.seed, audio_feature_layer=args.audio_feature_layer)
         return model, processor, f"tiny random model (tiny_icl_ser(seed={args.seed}))"
     source = args.audio_encoder
     if source is None:
         from modeling_icl_ser.backbones import offline_backbone_paths
 
         source = str(offline_backbone_paths()[0])
-    model, processor = encoder_only_model(source, labels)
-    return model, processor, f"audio encoder {source}"
+    model, processor = encoder_only_model(source, labels, args.audio_feature_layer)
+    block = "last block" if args.audio_feature_layer is None else f"block {args.audio_feature_layer}"
+    return model, processor, f"audio encoder {source} ({block})"
 
 
 def feature_cache_dir(args: EvalArguments) -> str:
@@ -352,6 +359,33 @@ def restrict_to_labels(probabilities: np.ndarray, trained: list[str], target: li
     mass = out.sum(-1, keepdims=True)
     out[:, columns] = np.where(mass > 0, out[:, columns] / np.where(mass > 0, mass, 1), 1.0 / len(shared))
     return out
+
+
+def add_paired_gains(results: list[dict], probabilities: dict, episodes: dict, labels: list[str], args) -> None:
+    """Add each result's UA gain over the smallest K on the same queries (paired bootstrap CI).
+
+    Fixed episodes of one mode share their queries across K (each speaker's query order
+    depends on the seed only), so K = 8 and K = 0 can be compared query by query; where the
+    queries differ (e.g. a mode whose eligible queries depend on K) no gain is reported.
+    """
+    from modeling_icl_ser.metrics import paired_ua_difference
+
+    for result in results:
+        name, mode, k = result["method"], result["mode"], result["k"]
+        base_k = min(kk for (m, kk) in episodes if m == mode)
+        if k == base_k:
+            continue
+        base, this = episodes[(mode, base_k)], episodes[(mode, k)]
+        if [e["query_id"] for e in base] != [e["query_id"] for e in this]:
+            continue
+        paired = paired_ua_difference(
+            [labels[i] for i in probabilities[(name, mode, base_k)].argmax(-1)],
+            [labels[i] for i in probabilities[(name, mode, k)].argmax(-1)],
+            [e["emotion"] for e in this], n_resamples=args.n_bootstrap, seed=args.seed,
+        )
+        result["ua_gain_base_k"] = base_k
+        result["ua_gain"] = paired["difference"]
+        result["ua_gain_ci"] = paired["ci"]
 
 
 def package_versions() -> dict[str, str]:
@@ -458,6 +492,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             predictions_log.append({"method": name, "mode": mode, "k": k, "episode_id": episode["episode_id"],
                                     "speaker": episode["speaker"], "emotion": episode["emotion"],
                                     "prediction": prediction, "probabilities": [round(float(p), 5) for p in row]})
+    add_paired_gains(results, probabilities, episodes, labels, args)
     results.sort(key=lambda r: (r["mode"], methods.index(r["method"]), r["k"]))
 
     report = {
@@ -513,6 +548,22 @@ def results_markdown(report: dict) -> str:
         for method in report["methods"]:
             cells = [_cell(by_key[(method, mode, k)]) if (method, mode, k) in by_key else "–" for k in ks]
             lines.append(f"| {METHOD_TITLES.get(method, method)} | " + " | ".join(cells) + " |")
+        gains = {key: r for key, r in by_key.items() if key[1] == mode and "ua_gain" in r}
+        if gains:
+            base_k = next(iter(gains.values()))["ua_gain_base_k"]
+            lines += ["", f"Paired UA gain over K={base_k} on the same queries, `{mode}` (percentage points, "
+                      "bootstrap 95% CI; an interval above 0 means enrollment helped).", "",
+                      "| method | " + " | ".join(f"K={k}" for k in ks if k != base_k) + " |",
+                      "|---|" + "---:|" * (len(ks) - 1)]
+            for method in report["methods"]:
+                cells = []
+                for k in ks:
+                    if k == base_k:
+                        continue
+                    row = gains.get((method, mode, k))
+                    cells.append(f"{100 * row['ua_gain']:+.1f} [{100 * row['ua_gain_ci'][0]:+.1f}, "
+                                 f"{100 * row['ua_gain_ci'][1]:+.1f}]" if row else "–")
+                lines.append(f"| {METHOD_TITLES.get(method, method)} | " + " | ".join(cells) + " |")
         lines += ["", f"Per-speaker UA, `{mode}`: minimum / standard deviation across {report['eval_split']} speakers (%).", "",
                   "| method | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]
         for method in report["methods"]:

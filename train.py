@@ -72,6 +72,8 @@ class TrainingArguments:
     language_model_layers: int = field(default=8, metadata={"help": "Keep the LM's first N pretrained blocks (cheaper, and best in docs/RESULTS.md); 0 = all."})
     num_audio_tokens: int = field(default=8, metadata={"help": "Speech tokens per utterance."})
     audio_pooling: str = field(default="mean_std", metadata={"help": "Projector pooling: mean or mean_std."})
+    audio_feature_layer: Optional[int] = field(default=None, metadata={"help": "Encoder block the projector reads (1 = first; default: the last)."})
+    audio_token_dropout: float = field(default=0.0, metadata={"help": "Dropout on the pooled audio features while training."})
     # what is trained
     encoder_mode: str = field(default="frozen", metadata={"help": "frozen (cached features), lora or full."})
     encoder_lora_layers: int = field(default=2, metadata={"help": "With encoder_mode=lora: adapt the top N encoder layers."})
@@ -84,6 +86,7 @@ class TrainingArguments:
     k_min: int = field(default=0, metadata={"help": "Smallest K drawn for a training episode."})
     k_max: int = field(default=8, metadata={"help": "Largest K drawn for a training episode."})
     enrollment_mode: str = field(default="arbitrary", metadata={"help": "arbitrary, balanced or exclude_query_class."})
+    permuted_label_share: float = field(default=0.0, metadata={"help": "Share of training episodes whose label words are permuted (same for enrollment and query)."})
     virtual_speakers: int = field(default=4, metadata={"help": "Virtual speakers per training speaker (one voice transform each; 0 = none)."})
     loss_on_enrollment_labels: bool = field(default=True, metadata={"help": "Also train on the enrollment labels' tokens (K+1 answers per episode)."})
     # optimisation
@@ -126,6 +129,12 @@ class TrainingArguments:
             raise ValueError(f"Need 0 <= --k_min <= --k_max, got {self.k_min} and {self.k_max}.")
         if self.lora_r < 1:
             raise ValueError(f"--lora_r must be >= 1, got {self.lora_r} (use --lm_lora false to freeze the LM).")
+        if not 0.0 <= self.permuted_label_share <= 1.0:
+            raise ValueError(f"--permuted_label_share must be between 0 and 1, got {self.permuted_label_share}.")
+        if self.audio_feature_layer is not None and self.audio_feature_layer < 1:
+            raise ValueError(f"--audio_feature_layer must be >= 1 (1 = the encoder's first block), got {self.audio_feature_layer}.")
+        if not 0.0 <= self.audio_token_dropout < 1.0:
+            raise ValueError(f"--audio_token_dropout must be in [0, 1), got {self.audio_token_dropout}.")
         if self.virtual_speakers < 0:
             raise ValueError(f"--virtual_speakers must be >= 0, got {self.virtual_speakers}.")
         if self.language_model_layers < 0:
@@ -149,11 +158,13 @@ def build_model(args: TrainingArguments, labels: list[str]):
     from modeling_icl_ser.backbones import from_backbones, offline_backbones_available, offline_default
     from modeling_icl_ser.testing import tiny_icl_ser
 
-    settings = {"num_audio_tokens": args.num_audio_tokens, "audio_pooling": args.audio_pooling,
-                "language_model_layers": args.language_model_layers or None}
+    audio_settings = {"audio_pooling": args.audio_pooling, "audio_feature_layer": args.audio_feature_layer,
+                      "audio_token_dropout": args.audio_token_dropout}
+    settings = {"num_audio_tokens": args.num_audio_tokens, "language_model_layers": args.language_model_layers or None,
+                **audio_settings}
     if args.tiny:
-        model, processor = tiny_icl_ser(labels=labels, seed=args.seed, num_audio_tokens=args.num_audio_tokens)
-        model.config.audio_pooling = args.audio_pooling
+        model, processor = tiny_icl_ser(labels=labels, seed=args.seed, num_audio_tokens=args.num_audio_tokens,
+                                        **audio_settings)
         return model, processor, "tiny random model (modeling_icl_ser.testing.tiny_icl_ser)"
     if args.audio_encoder or args.language_model:
         if not (args.audio_encoder and args.language_model):
@@ -248,7 +259,7 @@ def prepare_episodes(args, accelerator, table, labels, model, processor) -> Epis
     # Each process draws its own stream; all are reproducible from (seed, process index).
     sampler = EpisodeSampler(
         table, speakers=train_speakers, k=(args.k_min, args.k_max), mode=args.enrollment_mode,
-        seed=args.seed * 1000 + accelerator.process_index,
+        seed=args.seed * 1000 + accelerator.process_index, permuted_label_share=args.permuted_label_share,
     )
     validation = {
         k: split_episodes(real_table, specs, splits["validation"], "validation", k, args.enrollment_mode,

@@ -36,6 +36,7 @@ MODES = ("arbitrary", "balanced", "exclude_query_class")
 # Salts keep the random streams of different uses apart for the same seed.
 _FIXED_SALT = 1_000_003
 _SAMPLER_SALT = 2_000_003
+_PERMUTATION_SALT = 3_000_017
 
 
 def check_mode(mode: str) -> str:
@@ -133,6 +134,27 @@ def make_episode(pool: SpeakerPool, query: int, k: int, mode: str, rng: np.rando
     }
 
 
+def permute_labels(episode: Mapping[str, Any], words: Sequence[str], rng: np.random.Generator) -> dict[str, Any]:
+    """The episode with its label words mapped through a random non-identity permutation of ``words``.
+
+    The same mapping applies to the enrollment labels and the query's, so the episode stays
+    consistent: only its context tells which word now names which emotion.
+    """
+    words = list(words)
+    if len(words) < 2:
+        return {**episode, "permuted": False}
+    order = rng.permutation(len(words))
+    while (order == np.arange(len(words))).all():
+        order = rng.permutation(len(words))
+    mapping = {word: words[i] for word, i in zip(words, order)}
+    return {
+        **episode,
+        "enrollment_labels": [mapping[label] for label in episode["enrollment_labels"]],
+        "emotion": mapping[episode["emotion"]],
+        "permuted": True,
+    }
+
+
 def usable_pools(pools: Mapping[str, SpeakerPool], k: int, mode: str, context: str = "") -> dict[str, SpeakerPool]:
     """The pools that allow K-shot episodes in ``mode``; the others are skipped with a warning.
 
@@ -200,6 +222,11 @@ class EpisodeSampler:
         k: Fixed K or inclusive range.
         mode: An enrollment mode (:data:`MODES`).
         seed: Random seed.
+        permuted_label_share: Share of episodes (0..1) whose label words are mapped through a
+            random permutation of the speaker's emotions, the same for the enrollment and the
+            query (marked ``"permuted": True``). In such an episode a memorized utterance ->
+            label answer is wrong and only reading the enrollment is right, which teaches the
+            model to use its context; the other episodes keep the true words (and the prior).
 
     Speakers too small for the largest K are skipped with a warning.
 
@@ -214,8 +241,12 @@ class EpisodeSampler:
         k: KRange = (0, 8),
         mode: str = "arbitrary",
         seed: int = 0,
+        permuted_label_share: float = 0.0,
     ) -> None:
         self.mode = check_mode(mode)
+        if not 0.0 <= float(permuted_label_share) <= 1.0:
+            raise ValueError(f"permuted_label_share must be between 0 and 1, got {permuted_label_share}.")
+        self.permuted_label_share = float(permuted_label_share)
         low, high = (k, k) if isinstance(k, int) else (int(k[0]), int(k[1]))
         if low < 0 or high < low:
             raise ValueError(f"k must be an int >= 0 or a range (low, high) with 0 <= low <= high, got {k!r}.")
@@ -240,7 +271,13 @@ class EpisodeSampler:
         k = int(rng.integers(self.k_range[0], self.k_range[1] + 1))
         candidates = pool.query_candidates(k, self.mode)
         query = int(candidates[int(rng.integers(len(candidates)))])
-        return make_episode(pool, query, k, self.mode, rng)
+        episode = make_episode(pool, query, k, self.mode, rng)
+        if self.permuted_label_share:
+            # Its own stream, so the episodes themselves match a sampler without permutation.
+            permute_rng = np.random.default_rng([self.seed, _PERMUTATION_SALT, index])
+            if permute_rng.random() < self.permuted_label_share:
+                episode = permute_labels(episode, sorted(set(pool.emotions)), permute_rng)
+        return episode
 
     def __iter__(self) -> "EpisodeSampler":
         return self
@@ -258,6 +295,7 @@ class EpisodeSampler:
             "k_range": list(self.k_range),
             "mode": self.mode,
             "speakers": list(self._speakers),
+            "permuted_label_share": self.permuted_label_share,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -267,7 +305,8 @@ class EpisodeSampler:
             ValueError: if the state was saved by a sampler with other settings.
         """
         mine = self.state_dict()
-        for key in ("seed", "k_range", "mode", "speakers"):
+        state = {"permuted_label_share": 0.0, **state}  # states saved before the option existed
+        for key in ("seed", "k_range", "mode", "speakers", "permuted_label_share"):
             saved = list(state[key]) if isinstance(state[key], (list, tuple)) else state[key]
             if saved != mine[key]:
                 raise ValueError(

@@ -48,6 +48,12 @@ class IclSerConfig(PretrainedConfig):
             Defaults to a small Llama.
         num_audio_tokens: LM tokens each utterance is pooled into (equal time segments).
         audio_pooling: `"mean"` or `"mean_std"` (mean and standard deviation per segment).
+        audio_feature_layer: Which encoder block's output the projector reads (1 = the first
+            block; `None` = the last, after the encoder's final layer norm). Only the blocks up to
+            it run. Speaker-specific emotion cues are strongest in early blocks of an ASR encoder
+            and fade toward the top (docs/RESULTS.md), so early blocks suit personalization.
+        audio_token_dropout: Dropout on the pooled audio features while training (a guard against
+            memorizing training utterances); 0 disables it.
         projector_hidden_size: Hidden width of the projector MLP (default: the LM width).
         labels: Default emotion vocabulary (candidate labels when none are given).
         instruction_template: First prompt line; `{labels}` is replaced by the candidate labels
@@ -73,6 +79,8 @@ class IclSerConfig(PretrainedConfig):
     text_config: dict | PretrainedConfig | None = None
     num_audio_tokens: int = 8
     audio_pooling: str = "mean_std"
+    audio_feature_layer: int | None = None
+    audio_token_dropout: float = 0.0
     projector_hidden_size: int | None = None
     labels: list[str] | None = None
     instruction_template: str = DEFAULT_INSTRUCTION
@@ -99,6 +107,15 @@ class IclSerConfig(PretrainedConfig):
             raise ValueError(f"num_audio_tokens must be >= 1, got {self.num_audio_tokens}.")
         if not self.labels or len(set(self.labels)) != len(self.labels):
             raise ValueError(f"labels must be a non-empty list of distinct strings, got {self.labels!r}.")
+        if self.audio_feature_layer is not None:
+            depth = getattr(self.audio_config, "encoder_layers", None) or getattr(self.audio_config, "num_hidden_layers", None)
+            if not 1 <= int(self.audio_feature_layer) <= int(depth or 10**6):
+                raise ValueError(
+                    f"audio_feature_layer must be between 1 and the encoder's {depth} blocks (or None for the "
+                    f"last), got {self.audio_feature_layer}."
+                )
+        if not 0.0 <= float(self.audio_token_dropout) < 1.0:
+            raise ValueError(f"audio_token_dropout must be in [0, 1), got {self.audio_token_dropout}.")
         audio_type = getattr(self.audio_config, "model_type", None)
         if audio_type not in WHISPER_MODEL_TYPES + WAV2VEC2_MODEL_TYPES:
             raise ValueError(

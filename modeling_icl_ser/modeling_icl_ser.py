@@ -67,6 +67,7 @@ class IclSerProjector(nn.Module):
         hidden = config.projector_hidden_size or text_width
         pooled_width = audio_width * (2 if self.use_std else 1)
         self.input_norm = nn.LayerNorm(pooled_width)  # mean and std features differ in scale
+        self.dropout = nn.Dropout(config.audio_token_dropout)
         self.linear_1 = nn.Linear(pooled_width, hidden)
         self.act = nn.GELU()
         self.linear_2 = nn.Linear(hidden, text_width)
@@ -96,7 +97,7 @@ class IclSerProjector(nn.Module):
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(N, T, D) encoder frames + (N, T) mask → (N, num_audio_tokens, LM width)."""
-        pooled = self.input_norm(self.pool(hidden, mask).to(self.linear_1.weight.dtype))
+        pooled = self.dropout(self.input_norm(self.pool(hidden, mask).to(self.linear_1.weight.dtype)))
         return self.output_norm(self.linear_2(self.act(self.linear_1(pooled))))
 
 
@@ -212,16 +213,29 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         attention_mask = create_bidirectional_mask(
             config=encoder.config, inputs_embeds=hidden, attention_mask=frame_mask.bool()
         )
-        for layer in encoder.layers:
+        n_blocks = self._feature_blocks(len(encoder.layers))
+        for layer in encoder.layers[:n_blocks]:
             if self.training and encoder.layerdrop > 0 and torch.rand([]) < encoder.layerdrop:
                 continue
             hidden = layer(hidden, attention_mask)
-        return encoder.layer_norm(hidden), frame_mask.bool()
+        if n_blocks == len(encoder.layers):  # the final layer norm belongs to the top of the stack
+            hidden = encoder.layer_norm(hidden)
+        return hidden, frame_mask.bool()
+
+    def _feature_blocks(self, depth: int) -> int:
+        """How many encoder blocks run: up to `config.audio_feature_layer` (all when None)."""
+        layer = self.config.audio_feature_layer
+        return depth if layer is None else min(int(layer), depth)
 
     def _wav2vec2_features(self, values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = next(self.audio_tower.parameters()).dtype
         mask = mask.to(values.device).long()
-        hidden = self.audio_tower(input_values=values.to(dtype), attention_mask=mask).last_hidden_state
+        outputs = self.audio_tower(input_values=values.to(dtype), attention_mask=mask,
+                                   output_hidden_states=self.config.audio_feature_layer is not None)
+        if self.config.audio_feature_layer is None:
+            hidden = outputs.last_hidden_state
+        else:  # hidden_states[0] is the input to the first block
+            hidden = outputs.hidden_states[self._feature_blocks(len(outputs.hidden_states) - 1)]
         hidden_mask = self.audio_tower._get_feature_vector_attention_mask(hidden.shape[1], mask)
         return hidden, hidden_mask.bool()
 
@@ -231,7 +245,10 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         The data layer keys its frozen-feature cache on it: equal fingerprints mean equal
         encoder outputs. Hashes every encoder weight, so it takes a moment for large encoders.
         """
-        return _fingerprint(_ENCODER_PASS_VERSION, self.config.audio_config, self.audio_tower)
+        version = _ENCODER_PASS_VERSION
+        if self.config.audio_feature_layer is not None:  # other blocks, other features
+            version += f"-block{int(self.config.audio_feature_layer)}"
+        return _fingerprint(version, self.config.audio_config, self.audio_tower)
 
     def fingerprint(self) -> str:
         """A stable hex digest of the whole model: its config and every weight (with dtypes).

@@ -62,7 +62,8 @@ def _tiny_audio_config(audio_model_type: str):
 
 
 def tiny_icl_ser(
-    labels: Optional[list[str]] = None, seed: int = 0, audio_model_type: str = "whisper", num_audio_tokens: int = 4
+    labels: Optional[list[str]] = None, seed: int = 0, audio_model_type: str = "whisper", num_audio_tokens: int = 4,
+    **config_kwargs,
 ) -> tuple[IclSerForConditionalGeneration, IclSerProcessor]:
     """A random tiny model and its processor (eval mode, float32).
 
@@ -71,6 +72,7 @@ def tiny_icl_ser(
         seed: Seeds the weights; equal seeds give equal models.
         audio_model_type: `"whisper"` or a wav2vec2-family type (`"wav2vec2"`, `"hubert"`, `"wavlm"`).
         num_audio_tokens: Tokens per utterance.
+        **config_kwargs: Other `IclSerConfig` fields (`audio_pooling`, `audio_feature_layer`, ...).
     """
     labels = list(labels) if labels is not None else list(DEFAULT_LABELS)
     tokenizer = tiny_tokenizer(labels)
@@ -91,6 +93,7 @@ def tiny_icl_ser(
         num_audio_tokens=num_audio_tokens,
         projector_hidden_size=64,
         labels=labels,
+        **config_kwargs,
     )
     processor = IclSerProcessor.from_model_config(extractor, tokenizer, config)
     config.audio_token_id = processor.audio_token_id

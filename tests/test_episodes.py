@@ -137,6 +137,32 @@ def test_sampler_state_round_trip() -> None:
         EpisodeSampler(table, speakers=["s0", "s1", "s2"], k=(0, 8), seed=7).load_state_dict(state)
 
 
+def test_sampler_permuted_label_share() -> None:
+    table = make_table()
+    plain = EpisodeSampler(table, k=(2, 8), seed=5)
+    mixed = EpisodeSampler(table, k=(2, 8), seed=5, permuted_label_share=0.3)
+    pairs = [(next(plain), next(mixed)) for _ in range(300)]
+    permuted = [(p, m) for p, m in pairs if m.get("permuted")]
+    assert 60 <= len(permuted) <= 120  # ~30% of 300
+    for p, m in pairs:  # same utterances either way: only the label words change
+        assert (p["query_id"], p["enrollment_ids"]) == (m["query_id"], m["enrollment_ids"])
+        if not m.get("permuted"):
+            assert m["emotion"] == p["emotion"] and m["enrollment_labels"] == p["enrollment_labels"]
+    changed = 0
+    for p, m in permuted:
+        # One consistent mapping (a bijection) over the episode's enrollment and query labels.
+        mapping = dict(zip(p["enrollment_labels"] + [p["emotion"]], m["enrollment_labels"] + [m["emotion"]]))
+        assert all(mapping[a] == b for a, b in zip(p["enrollment_labels"] + [p["emotion"]], m["enrollment_labels"] + [m["emotion"]]))
+        assert len(set(mapping.values())) == len(mapping) and set(mapping.values()) <= set(EMOTIONS)
+        changed += any(a != b for a, b in mapping.items())
+    assert changed > len(permuted) // 2
+    state = mixed.state_dict()
+    with pytest.raises(ValueError, match="permuted_label_share"):
+        EpisodeSampler(table, k=(2, 8), seed=5).load_state_dict(state)
+    with pytest.raises(ValueError, match="permuted_label_share"):
+        EpisodeSampler(table, permuted_label_share=1.5)
+
+
 def test_sampler_modes_and_errors(caplog: pytest.LogCaptureFixture) -> None:
     table = make_table(small_speaker=True)
     sampler = EpisodeSampler(table, k=3, mode="exclude_query_class", seed=0)

@@ -96,8 +96,17 @@ def test_full_tiny_run_writes_all_outputs(models, tmp_path):
         assert row["n_episodes"] == 6 and set(row["per_speaker_ua"]) == set(saved["splits"]["test"])
     assert set(saved["baselines"]) == set(methods[:5])
 
+    for row in saved["results"]:  # K=2 rows carry the paired gain over K=0 on the same queries
+        if row["k"] == 2:
+            low, high = row["ua_gain_ci"]
+            assert row["ua_gain_base_k"] == 0 and low <= row["ua_gain"] <= high
+            zero = next(r for r in saved["results"] if (r["method"], r["mode"], r["k"]) == (row["method"], row["mode"], 0))
+            assert row["ua_gain"] == pytest.approx(row["ua"] - zero["ua"])
+        else:
+            assert "ua_gain" not in row
     table = (out / "results.md").read_text()
     assert "| method | K=0 | K=2 |" in table and "ICL (meta-trained, proposed)" in table and "±" in table
+    assert "Paired UA gain over K=0" in table
     for name in ("ua_vs_k_arbitrary.png", "ua_vs_k_balanced.png", "per_speaker_ua_arbitrary.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = (out / "predictions.jsonl").read_text().splitlines()
@@ -108,6 +117,14 @@ def test_full_tiny_run_writes_all_outputs(models, tmp_path):
     updated = (models["icl"] / "README.md").read_text()
     assert updated == card and updated != before
     assert "Meta-trained with `train.py`" in updated  # the training summary is kept
+
+
+def test_baselines_read_the_chosen_encoder_block(tmp_path):
+    report = run_eval([*FAST, "--tiny", "--methods", "si", "--k", "0", "--audio_feature_layer", "1",
+                       "--output_dir", str(tmp_path)])
+    assert report["baseline_features"].startswith("tiny")
+    with pytest.raises(ValueError, match="audio_feature_layer"):
+        run_eval([*FAST, "--tiny", "--methods", "si", "--audio_feature_layer", "0", "--output_dir", str(tmp_path / "x")])
 
 
 def test_baselines_only_with_tiny_encoder(tmp_path):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from modeling_icl_ser.metrics import EmotionRecognitionMetrics, bootstrap_ci, per_speaker_ua, summarize
+from modeling_icl_ser.metrics import EmotionRecognitionMetrics, bootstrap_ci, per_speaker_ua, summarize, unweighted_accuracy
 
 
 def test_ua_wa_f1_hand_computed():
@@ -47,3 +47,24 @@ def test_per_speaker_and_summary():
 def test_empty_references_raise():
     with pytest.raises(ValueError, match="at least one episode"):
         EmotionRecognitionMetrics().compute(predictions=[], references=[])
+
+
+def test_paired_ua_difference_equals_the_ua_difference_and_its_ci_brackets_it():
+    import numpy as np
+
+    from modeling_icl_ser.metrics import paired_ua_difference
+
+    rng = np.random.default_rng(0)
+    labels = np.array(["a", "b", "c"])
+    references = labels[rng.integers(0, 3, 300)]
+    worse = np.where(rng.random(300) < 0.5, references, labels[rng.integers(0, 3, 300)])
+    better = np.where(rng.random(300) < 0.2, labels[rng.integers(0, 3, 300)], worse)  # mostly the same answers
+    better = np.where(rng.random(300) < 0.3, references, better)
+    result = paired_ua_difference(worse, better, references, n_resamples=300)
+    assert result["difference"] == pytest.approx(unweighted_accuracy(better, references) - unweighted_accuracy(worse, references))
+    low, high = result["ci"]
+    assert low <= result["difference"] <= high and low > 0
+    same = paired_ua_difference(worse, worse, references, n_resamples=50)
+    assert same == {"difference": 0.0, "ci": (0.0, 0.0)}
+    with pytest.raises(ValueError, match="aligned"):
+        paired_ua_difference(worse[:5], better, references)

@@ -243,3 +243,58 @@ def test_default_config_builds_whisper_and_llama():
     with pytest.raises(ValueError, match="audio_pooling"):
         IclSerConfig(audio_pooling="max")
     assert isinstance(IclSerForConditionalGeneration, type)
+
+
+def test_audio_feature_layer_reads_that_block_and_keys_the_cache(make_audio):
+    import copy
+
+    from modeling_icl_ser.testing import tiny_icl_ser
+
+    last, processor = tiny_icl_ser(seed=0)
+    first, _ = tiny_icl_ser(seed=0, audio_feature_layer=1)
+    top, _ = tiny_icl_ser(seed=0, audio_feature_layer=len(last.audio_tower.layers))
+    # Reference for block 1: the full-depth pass of an encoder cut to its first block, no final norm.
+    cut = copy.deepcopy(last)
+    cut.audio_tower.layers = cut.audio_tower.layers[:1]
+    cut.audio_tower.layer_norm = torch.nn.Identity()
+    inputs = processor.audio_inputs([make_audio(1.0, seed=3), make_audio(0.6, seed=4)])
+    features, mask = torch.tensor(inputs["input_features"]), torch.tensor(inputs["feature_attention_mask"])
+    with torch.no_grad():
+        h_first, m_first = first.get_audio_features(features, mask)
+        h_cut, m_cut = cut.get_audio_features(features, mask)
+        h_last, _ = last.get_audio_features(features, mask)
+        h_top, _ = top.get_audio_features(features, mask)
+    assert torch.equal(m_first, m_cut)
+    torch.testing.assert_close(h_first[m_first], h_cut[m_cut])
+    torch.testing.assert_close(h_top, h_last)  # the last block = the default, final layer norm included
+    assert not torch.allclose(h_first[m_first], h_last[m_first])
+    assert first.audio_encoder_fingerprint() != last.audio_encoder_fingerprint()
+    assert top.audio_encoder_fingerprint() != first.audio_encoder_fingerprint()
+    with pytest.raises(ValueError, match="audio_feature_layer"):
+        tiny_icl_ser(seed=0, audio_feature_layer=9)
+
+
+def test_audio_feature_layer_for_wav2vec2_family(make_audio):
+    from modeling_icl_ser.testing import tiny_icl_ser
+
+    model, processor = tiny_icl_ser(seed=0, audio_model_type="wavlm", audio_feature_layer=1)
+    inputs = processor.audio_inputs([make_audio(1.0, seed=4)])
+    values = torch.tensor(inputs["input_features"])
+    with torch.no_grad():
+        hidden, mask = model.get_audio_features(values, torch.tensor(inputs["feature_attention_mask"]))
+        reference = model.audio_tower(values, output_hidden_states=True).hidden_states[1]
+    torch.testing.assert_close(hidden[mask].reshape(reference.shape), reference)
+
+
+def test_audio_token_dropout_only_while_training(tiny, make_audio):
+    from modeling_icl_ser.testing import tiny_icl_ser
+
+    model, processor = tiny_icl_ser(seed=0, audio_token_dropout=0.5)
+    hidden = torch.randn(2, 20, model.config.audio_config.d_model)
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    model.eval()
+    assert torch.equal(model.projector(hidden, mask), model.projector(hidden, mask))
+    model.train()
+    assert not torch.equal(model.projector(hidden, mask), model.projector(hidden, mask))
+    with pytest.raises(ValueError, match="audio_token_dropout"):
+        tiny_icl_ser(seed=0, audio_token_dropout=1.0)
