@@ -142,7 +142,7 @@ def test_train_on_two_corpora(corpora, tmp_path):
     import train
 
     summary = train.main(["--corpus", "ased,manifest", "--data_dir", f"{corpora['ased']},{corpora['manifest']}",
-                          "--tiny", "--virtual_speakers", "0", "--batch_size", "4", "--max_steps", "2", "--eval_k", "0", "2",
+                          "--tiny", "--virtual_speakers", "1", "--batch_size", "4", "--max_steps", "2", "--eval_k", "0", "2",
                           "--eval_episodes_per_speaker", "2", "--log_with", "none", "--output_dir", str(tmp_path)])
     assert summary["n_train_speakers"] == 4 and summary["n_validation_speakers"] == 2
     assert all(0.0 <= v <= 1.0 for v in summary["validation"].values())
