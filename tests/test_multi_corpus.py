@@ -148,3 +148,15 @@ def test_train_on_two_corpora(corpora, tmp_path):
     assert all(0.0 <= v <= 1.0 for v in summary["validation"].values())
     with pytest.raises(ValueError, match="drop --labels"):
         train.parse_arguments(["--corpus", "ased,manifest", "--data_dir", "a,b", "--labels", "anger", "fear"])
+
+
+def test_build_episodes_of_two_corpora(corpora):
+    episodes = build_episodes("ased,manifest", f"{corpora['ased']},{corpora['manifest']}", k=2, mode="balanced",
+                              episodes_per_speaker=3, seed=0)
+    assert list(episodes) == ["train", "validation", "test"] and "labels" in episodes["test"].column_names
+    for split in episodes:
+        assert {s.split("/")[0] for s in episodes[split]["speaker"]} == {"ased", "manifest"}
+    speakers = [set(episodes[split]["speaker"]) for split in episodes]
+    assert not (speakers[0] & speakers[1] or speakers[0] & speakers[2] or speakers[1] & speakers[2])
+    with pytest.raises(ValueError, match="mode"):
+        build_episodes("ased,manifest", f"{corpora['ased']},{corpora['manifest']}", mode="random")
