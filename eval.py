@@ -361,6 +361,20 @@ def restrict_to_labels(probabilities: np.ndarray, trained: list[str], target: li
     return out
 
 
+def restrict_to_episode_labels(probabilities: np.ndarray, episodes, labels: list[str]) -> np.ndarray:
+    """Each row restricted to its episode's own ``labels`` (several corpora; as the LM methods score).
+
+    Rows of episodes without ``labels`` (one corpus) are returned unchanged.
+    """
+    out = probabilities.copy()
+    for i, episode in enumerate(episodes):
+        if episode.get("labels"):
+            own = list(episode["labels"])
+            out[i] = 0.0
+            out[i, [labels.index(label) for label in own]] = restrict_to_labels(probabilities[i : i + 1], labels, own)[0]
+    return out
+
+
 def add_paired_gains(results: list[dict], probabilities: dict, episodes: dict, labels: list[str], args) -> None:
     """Add each result's UA gain over the smallest K on the same queries (paired bootstrap CI).
 
@@ -467,7 +481,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             fitted[name] = make_baseline(name, seed=args.seed, train_steps=args.baseline_train_steps).fit(*train, fit_labels, validation=validation)
             for (mode, k), eps in episodes.items():
                 trained_probabilities = run_baseline(fitted[name], eps, pooled, f"{name} {mode} K={k}")
-                probabilities[(name, mode, k)] = restrict_to_labels(trained_probabilities, fit_labels, labels)
+                probabilities[(name, mode, k)] = restrict_to_episode_labels(
+                    restrict_to_labels(trained_probabilities, fit_labels, labels), eps, labels)
     for name in (m for m in methods if m in LM_METHODS):
         model, processor = loaded[name]
         collator = IclSerDataCollator(processor, labels=labels)
@@ -650,12 +665,12 @@ def model_card(report: dict, args: EvalArguments) -> str:
     data = ModelCardData(
         library_name="transformers", license="apache-2.0", pipeline_tag="audio-classification",
         tags=["speech-emotion-recognition", "in-context-learning", "personalization", "icl-ser"],
-        datasets=[report["corpus"]], metrics=["unweighted_accuracy", "accuracy", "f1"],
+        datasets=report["corpus"].split(","), metrics=["unweighted_accuracy", "accuracy", "f1"],
     )
     if existing:
         try:
             old = ModelCard(existing).data.to_dict()
-            datasets_seen = list(dict.fromkeys([*(old.get("datasets") or []), report["corpus"]]))
+            datasets_seen = list(dict.fromkeys([*(old.get("datasets") or []), *report["corpus"].split(",")]))
             data = ModelCardData(**{**old, "datasets": datasets_seen})
         except Exception as error:  # a hand-edited card with odd metadata: start from defaults
             logger.warning("Could not reuse the model card's metadata (%s); writing defaults.", error)

@@ -193,3 +193,13 @@ def test_bad_cross_corpus_flags_fail_before_work(args, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         run_eval([*CROSS, *base, *args, "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_two_corpora_in_domain_scores_each_episode_over_its_own_labels(corpora, tmp_path):
+    report = run_eval([*CROSS, "--corpus", "ased,manifest", "--data_dir", f"{corpora['ased']},{corpora['manifest']}",
+                       "--methods", "si", "--output_dir", str(tmp_path / "out")])
+    assert {s.split("/")[0] for s in report["splits"]["test"]} == {"ased", "manifest"}
+    own = {"ased": {"anger", "fear", "happiness", "neutral", "sadness"}, "manifest": {"calm", "happiness", "pride"}}
+    for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines():
+        prediction = json.loads(line)
+        assert prediction["prediction"] in own[prediction["speaker"].split("/")[0]]
