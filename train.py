@@ -120,7 +120,8 @@ class TrainingArguments:
     def validate(self) -> None:
         """Raise ValueError for settings that cannot work, before any heavy work."""
         parse_corpus_options(self.corpus_options)
-        if self.labels and len(parse_corpora(self.corpus, self.data_dir)) > 1:
+        specs = parse_corpora(self.corpus, self.data_dir)  # names known, one folder per corpus
+        if self.labels and len(specs) > 1:
             raise ValueError("--labels sets one label set for a single corpus; with several corpora each episode "
                              "uses its own corpus' emotions, so drop --labels.")
         if self.encoder_mode not in ("frozen", "lora", "full"):

@@ -148,6 +148,18 @@ def test_train_on_two_corpora(corpora, tmp_path):
     assert all(0.0 <= v <= 1.0 for v in summary["validation"].values())
     with pytest.raises(ValueError, match="drop --labels"):
         train.parse_arguments(["--corpus", "ased,manifest", "--data_dir", "a,b", "--labels", "anger", "fear"])
+    with pytest.raises(ValueError, match="gives 1 folder"):
+        train.parse_arguments(["--corpus", "ased,manifest", "--data_dir", "a"])
+
+
+def test_corpus_lists_from_one_yaml_file(tmp_path):
+    sys.path.insert(0, str(REPO))
+    import train
+
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("corpus: ravdess,ased,emotiontts-ko\ndata_dir: A,B,C\n")
+    args = train.parse_arguments([str(settings)])
+    assert parse_corpora(args.corpus, args.data_dir) == [("ravdess", "A"), ("ased", "B"), ("emotiontts-ko", "C")]
 
 
 def test_build_episodes_of_two_corpora(corpora):
