@@ -12,12 +12,18 @@ utterances of a test speaker + one query of that speaker), for each K and enroll
         --methods all --k 0 1 2 4 8 --mode arbitrary --output_dir outputs/eval-ravdess
     python eval.py --corpus ravdess --data_dir ... --methods baselines      # no LM: offline Whisper encoder
     python eval.py --tiny --corpus synthetic --methods baselines            # tiny random encoder (tests)
+    python eval.py --corpus ased --data_dir ../shared/data/ased --test_speakers all --methods baselines \
+        --baseline_corpus ravdess,emotiontts-ko --baseline_data_dir ../shared/data/ravdess,../shared/data/emotiontts-ko
 
 ``--methods all`` means the five baselines plus ``icl`` (with ``--model``) and ``slm_no_icl``
 (with ``--baseline_model``); ``baselines`` means the five baselines. Baselines use the encoder of
 ``--model`` when given, else ``--audio_encoder`` (default: the offline Whisper tiny.en), or the
 tiny random model's with ``--tiny``. The speaker split is train.py's (same seed / explicit
-lists), so test speakers are never trained on. Writes ``results.json``, ``results.md``,
+lists), so test speakers are never trained on. ``--test_speakers all`` tests every speaker of a
+corpus (cross-corpus: a model trained elsewhere); the baselines are then fitted on the training
+speakers of ``--baseline_corpus`` (see docs/EVALUATION.md for labels outside their training
+set). Several corpora (``--corpus a,b --data_dir A,B``) are split within each corpus and each
+episode is scored over its own corpus' labels. Writes ``results.json``, ``results.md``,
 ``predictions.jsonl``, PNG plots and a filled model card ``README.md`` to ``--output_dir``.
 """
 
@@ -65,12 +71,14 @@ class EvalArguments:
     tiny: bool = field(default=False, metadata={"help": "Baselines on the tiny random model's encoder (tests)."})
     audio_feature_layer: Optional[int] = field(default=None, metadata={"help": "Encoder block the baselines read without --model (1 = first; default: the last). With --model, the model's own setting is used."})
     # data
-    corpus: str = field(default="synthetic", metadata={"help": "ravdess, cremad, emodb, iemocap, esd, manifest or synthetic."})
-    data_dir: Optional[str] = field(default=None, metadata={"help": "Corpus folder (or manifest); not needed for synthetic."})
+    corpus: str = field(default="synthetic", metadata={"help": "ravdess, cremad, emodb, iemocap, esd, ased, emotiontts-ko, manifest or synthetic; several comma-separated."})
+    data_dir: Optional[str] = field(default=None, metadata={"help": "Corpus folder (or manifest), one per corpus, comma-separated; not needed for synthetic."})
     corpus_options: Optional[str] = field(default=None, metadata={"help": "Synthetic generator options as JSON."})
-    labels: Optional[list[str]] = field(default=None, metadata={"help": "Label set (default: the corpus' emotions)."})
+    labels: Optional[list[str]] = field(default=None, metadata={"help": "Label set (default: the corpus' emotions; one corpus only)."})
     validation_speakers: Optional[list[str]] = field(default=None, metadata={"help": "Explicit validation speakers (as in train.py)."})
-    test_speakers: Optional[list[str]] = field(default=None, metadata={"help": "Explicit test speakers (as in train.py)."})
+    test_speakers: Optional[list[str]] = field(default=None, metadata={"help": "Explicit test speakers (as in train.py), or 'all': every speaker (cross-corpus)."})
+    baseline_corpus: Optional[str] = field(default=None, metadata={"help": "Fit the baselines on these corpora's training speakers instead (comma-separated)."})
+    baseline_data_dir: Optional[str] = field(default=None, metadata={"help": "Folders of --baseline_corpus, comma-separated in the same order."})
     seed: int = field(default=0, metadata={"help": "Seed of the speaker split and the episodes (train.py's --seed)."})
     eval_split: str = field(default="test", metadata={"help": "test (report once) or validation (choose settings on it)."})
     # sweep
@@ -88,11 +96,14 @@ class EvalArguments:
 
     def validate(self) -> None:
         """Raise ValueError for settings that cannot work, before any heavy work."""
-        from dataset_builder import MODES
-        from dataset_builder.corpora import check_corpus_name
+        from dataset_builder import MODES, parse_corpora
 
-        check_corpus_name(self.corpus)
+        specs = parse_corpora(self.corpus, self.data_dir)
         parse_corpus_options(self.corpus_options)
+        if self.labels and len(specs) > 1:
+            raise ValueError("--labels sets one label set for a single corpus; with several corpora each episode "
+                             "uses its own corpus' emotions, so drop --labels.")
+        self.validate_cross_corpus(specs)
         if self.eval_split not in ("test", "validation"):
             raise ValueError(f"--eval_split must be test or validation, got {self.eval_split!r}.")
         if self.update_model_card and self.eval_split != "test":
@@ -125,6 +136,36 @@ class EvalArguments:
             raise ValueError(f"--baseline_train_steps must be >= 1, got {self.baseline_train_steps}.")
         if self.episodes_per_speaker is not None and self.episodes_per_speaker < 1:
             raise ValueError(f"--episodes_per_speaker must be >= 1, got {self.episodes_per_speaker}.")
+
+    def testing_all_speakers(self) -> bool:
+        """``--test_speakers all``: every speaker of the corpus is a test speaker."""
+        return self.test_speakers is not None and "all" in self.test_speakers
+
+    def validate_cross_corpus(self, specs) -> None:
+        """Checks of --test_speakers all and --baseline_corpus/--baseline_data_dir."""
+        from dataset_builder import parse_corpora
+
+        if self.testing_all_speakers():
+            if self.test_speakers != ["all"]:
+                raise ValueError(f"--test_speakers all stands alone (got {self.test_speakers}); list speakers or pass all.")
+            if self.validation_speakers:
+                raise ValueError("--test_speakers all makes every speaker a test speaker; drop --validation_speakers.")
+            if self.eval_split != "test":
+                raise ValueError("--test_speakers all leaves no validation speaker; drop --eval_split validation.")
+        if self.baseline_data_dir and not self.baseline_corpus:
+            raise ValueError("--baseline_data_dir needs --baseline_corpus (the corpora those folders hold).")
+        if self.baseline_corpus is None:
+            if self.testing_all_speakers() and any(m in BASELINE_METHODS + ("baselines", "all") for m in self.methods):
+                raise ValueError("--test_speakers all leaves no training speaker for the baselines; pass --baseline_corpus "
+                                 "NAME --baseline_data_dir DIR (other corpora to fit them on), or --methods icl.")
+            return
+        baseline_specs = parse_corpora(self.baseline_corpus, self.baseline_data_dir, "--baseline_corpus/--baseline_data_dir")
+        shared = sorted({name for name, _ in baseline_specs} & {name for name, _ in specs})
+        if shared:
+            raise ValueError(f"--baseline_corpus repeats the test corpus {shared}; cross-corpus baselines are fitted on "
+                             "other corpora (drop --baseline_corpus for in-domain baselines).")
+        if not any(m in BASELINE_METHODS + ("baselines", "all") for m in self.methods):
+            raise ValueError("--baseline_corpus only changes what the baselines are fitted on; add them to --methods.")
 
     def method_list(self) -> list[str]:
         """The methods to run, in table order (``all``/``baselines`` expanded)."""
@@ -170,26 +211,27 @@ def prepare_data(args: EvalArguments) -> dict[str, Any]:
     Raises ValueError (before any model is loaded) for a corpus without test speakers or
     episodes whose labels are outside the label set.
     """
-    from dataset_builder import build_episodes, read_corpus, split_speakers
+    from dataset_builder import parse_corpora, read_corpora, split_corpora, split_episodes
 
-    table = read_corpus(args.corpus, args.data_dir, **parse_corpus_options(args.corpus_options))
+    specs = parse_corpora(args.corpus, args.data_dir)
+    table = read_corpora(specs, **parse_corpus_options(args.corpus_options))
     labels = list(args.labels) if args.labels else sorted(set(table["emotion"]))
-    splits = split_speakers(
-        table["speaker"], seed=args.seed,
-        validation_speakers=args.validation_speakers, test_speakers=args.test_speakers,
-    )
+    if args.testing_all_speakers():  # cross-corpus: nothing of this corpus is trained on
+        splits = {"train": [], "validation": [], "test": sorted(set(table["speaker"]))}
+    else:
+        splits = split_corpora(
+            table, specs, seed=args.seed,
+            validation_speakers=args.validation_speakers, test_speakers=args.test_speakers,
+        )
     split = args.eval_split
     if not splits[split]:
         raise ValueError(f"Corpus {args.corpus!r} has no {split} speakers; pass --{split}_speakers.")
     episodes: dict[tuple[str, int], list[dict]] = {}
     for mode in args.mode:
         for k in args.k:
-            built = build_episodes(
-                args.corpus, args.data_dir, k=k, mode=mode, seed=args.seed,
-                episodes_per_speaker=args.episodes_per_speaker,
-                validation_speakers=splits["validation"], test_speakers=splits["test"], **parse_corpus_options(args.corpus_options),
-            )[split]
-            episodes[(mode, k)] = list(built)
+            episodes[(mode, k)] = split_episodes(
+                table, specs, splits[split], split, k, mode, seed=args.seed, episodes_per_speaker=args.episodes_per_speaker,
+            )
             if not episodes[(mode, k)]:
                 raise ValueError(f"No {split} episodes for K={k} in mode {mode!r}: the {split} speakers are too small.")
     used = {e["emotion"] for es in episodes.values() for e in es} | {
@@ -201,7 +243,16 @@ def prepare_data(args: EvalArguments) -> dict[str, Any]:
             f"The {split} episodes use labels {missing} that are not in the label set {labels}; "
             "pass --labels including them (or drop --labels to use the corpus' emotions)."
         )
-    return {"table": table, "labels": labels, "splits": splits, "episodes": episodes}
+    data = {"table": table, "labels": labels, "splits": splits, "episodes": episodes}
+    if args.baseline_corpus:
+        baseline_specs = parse_corpora(args.baseline_corpus, args.baseline_data_dir)
+        baseline_table = read_corpora(baseline_specs, **parse_corpus_options(args.corpus_options))
+        data["baseline"] = {
+            "table": baseline_table,
+            "labels": sorted(set(baseline_table["emotion"])),
+            "splits": split_corpora(baseline_table, baseline_specs, seed=args.seed),
+        }
+    return data
 
 
 # -------------------------------------------------------------------------------- models
@@ -273,15 +324,55 @@ def feature_cache_dir(args: EvalArguments) -> str:
 
 # ------------------------------------------------------------------------------- running
 def run_baseline(method, episodes, pooled: dict[str, np.ndarray], description: str) -> np.ndarray:
-    """Probabilities ``(n_episodes, n_labels)`` of a fitted baseline, one episode at a time."""
+    """Probabilities ``(n_episodes, len(method.label_set))`` of a fitted baseline, one episode at a time.
+
+    Enrollment utterances whose label the baseline was not trained on (cross-corpus) are left
+    out of its enrollment: it has no output for them.
+    """
     from tqdm.auto import tqdm
 
+    known = set(method.label_set)
     rows = []
     for episode in tqdm(episodes, desc=description, leave=False):
-        ids = list(episode["enrollment_ids"])
-        enrollment = np.stack([pooled[i] for i in ids]) if ids else None
-        rows.append(method.predict_proba(pooled[episode["query_id"]], enrollment, list(episode["enrollment_labels"]))[0])
+        pairs = [(i, label) for i, label in zip(episode["enrollment_ids"], episode["enrollment_labels"]) if label in known]
+        enrollment = np.stack([pooled[i] for i, _ in pairs]) if pairs else None
+        rows.append(method.predict_proba(pooled[episode["query_id"]], enrollment, [label for _, label in pairs])[0])
     return np.stack(rows)
+
+
+def restrict_to_labels(probabilities: np.ndarray, trained: list[str], target: list[str]) -> np.ndarray:
+    """A baseline's ``(n, len(trained))`` probabilities as ``(n, len(target))`` over the test labels.
+
+    Each row keeps its mass on the labels both sets share, renormalized (uniform over them if
+    it had none there); a test label the baseline never trained on gets 0, so it is never
+    predicted. The identity when both sets are equal (in-domain).
+    """
+    if list(trained) == list(target):
+        return probabilities
+    shared = [label for label in target if label in trained]
+    if not shared:
+        raise ValueError(f"The baselines were trained on {trained}, none of the test labels {target}; "
+                         "fit them on corpora that share labels with the test corpus.")
+    out = np.zeros((len(probabilities), len(target)), dtype=np.float64)
+    columns = [target.index(label) for label in shared]
+    out[:, columns] = probabilities[:, [trained.index(label) for label in shared]]
+    mass = out.sum(-1, keepdims=True)
+    out[:, columns] = np.where(mass > 0, out[:, columns] / np.where(mass > 0, mass, 1), 1.0 / len(shared))
+    return out
+
+
+def restrict_to_episode_labels(probabilities: np.ndarray, episodes, labels: list[str]) -> np.ndarray:
+    """Each row restricted to its episode's own ``labels`` (several corpora; as the LM methods score).
+
+    Rows of episodes without ``labels`` (one corpus) are returned unchanged.
+    """
+    out = probabilities.copy()
+    for i, episode in enumerate(episodes):
+        if episode.get("labels"):
+            own = list(episode["labels"])
+            out[i] = 0.0
+            out[i, [labels.index(label) for label in own]] = restrict_to_labels(probabilities[i : i + 1], labels, own)[0]
+    return out
 
 
 def add_paired_gains(results: list[dict], probabilities: dict, episodes: dict, labels: list[str], args) -> None:
@@ -369,23 +460,29 @@ def main(argv: Optional[list[str]] = None) -> dict:
     probabilities: dict[tuple[str, str, int], np.ndarray] = {}
     feature_source = None
     if baseline_methods:
+        # In-domain: fitted on this corpus' training speakers; cross-corpus: on --baseline_corpus'.
+        fit_data = data.get("baseline") or {"table": table, "labels": labels, "splits": splits}
+        fit_table, fit_labels, fit_splits = fit_data["table"], fit_data["labels"], fit_data["splits"]
         model, processor, feature_source = feature_model(args, labels, loaded)
         model.to(device)
-        encoded = encode(model, processor, all_rows)
-        pooled = {i: pool_features(encoded[i]) for i in table["id"]}
-        speaker_of = dict(zip(table["id"], table["speaker"]))
-        emotion_of = dict(zip(table["id"], table["emotion"]))
+        fit_rows = [row for row in fit_table] if fit_table is not table else []
+        encoded = encode(model, processor, all_rows + fit_rows)
+        pooled = {i: pool_features(encoded[i]) for i in [*table["id"], *(row["id"] for row in fit_rows)]}
+        speaker_of = dict(zip(fit_table["id"], fit_table["speaker"]))
+        emotion_of = dict(zip(fit_table["id"], fit_table["emotion"]))
 
         def split_arrays(split):
-            ids = [i for i in table["id"] if speaker_of[i] in set(splits[split]) and emotion_of[i] in labels]
+            ids = [i for i in fit_table["id"] if speaker_of[i] in set(fit_splits[split]) and emotion_of[i] in fit_labels]
             return (np.stack([pooled[i] for i in ids]), [emotion_of[i] for i in ids], [speaker_of[i] for i in ids])
 
         train, validation = split_arrays("train"), split_arrays("validation")
-        assert not test_ids & {i for i in table["id"] if speaker_of[i] in set(splits["train"])}
+        assert not test_ids & {i for i in fit_table["id"] if speaker_of[i] in set(fit_splits["train"])}
         for name in baseline_methods:
-            fitted[name] = make_baseline(name, seed=args.seed, train_steps=args.baseline_train_steps).fit(*train, labels, validation=validation)
+            fitted[name] = make_baseline(name, seed=args.seed, train_steps=args.baseline_train_steps).fit(*train, fit_labels, validation=validation)
             for (mode, k), eps in episodes.items():
-                probabilities[(name, mode, k)] = run_baseline(fitted[name], eps, pooled, f"{name} {mode} K={k}")
+                trained_probabilities = run_baseline(fitted[name], eps, pooled, f"{name} {mode} K={k}")
+                probabilities[(name, mode, k)] = restrict_to_episode_labels(
+                    restrict_to_labels(trained_probabilities, fit_labels, labels), eps, labels)
     for name in (m for m in methods if m in LM_METHODS):
         model, processor = loaded[name]
         collator = IclSerDataCollator(processor, labels=labels)
@@ -419,6 +516,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "labels": labels,
         "corpus": args.corpus,
         "splits": splits,
+        "baseline_corpus": args.baseline_corpus,
+        "baseline_labels": data["baseline"]["labels"] if "baseline" in data else labels,
         "eval_split": args.eval_split,
         "n_test_episodes": {f"{mode}/k{k}": len(eps) for (mode, k), eps in episodes.items()},
         "baseline_features": feature_source,
@@ -566,12 +665,12 @@ def model_card(report: dict, args: EvalArguments) -> str:
     data = ModelCardData(
         library_name="transformers", license="apache-2.0", pipeline_tag="audio-classification",
         tags=["speech-emotion-recognition", "in-context-learning", "personalization", "icl-ser"],
-        datasets=[report["corpus"]], metrics=["unweighted_accuracy", "accuracy", "f1"],
+        datasets=report["corpus"].split(","), metrics=["unweighted_accuracy", "accuracy", "f1"],
     )
     if existing:
         try:
             old = ModelCard(existing).data.to_dict()
-            datasets_seen = list(dict.fromkeys([*(old.get("datasets") or []), report["corpus"]]))
+            datasets_seen = list(dict.fromkeys([*(old.get("datasets") or []), *report["corpus"].split(",")]))
             data = ModelCardData(**{**old, "datasets": datasets_seen})
         except Exception as error:  # a hand-edited card with odd metadata: start from defaults
             logger.warning("Could not reuse the model card's metadata (%s); writing defaults.", error)

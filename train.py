@@ -41,7 +41,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from dataset_builder import EpisodeSampler, build_episodes, read_corpus, split_speakers
+from dataset_builder import EpisodeSampler, parse_corpora, read_corpora, split_corpora, split_episodes
+from dataset_builder.multi import label_sets, with_labels
 from dataset_builder.synthetic import default_cache_root
 from dataset_builder.virtual_speakers import add_virtual_speakers, real_speaker
 from dataset_builder.cli import parse_arguments as parse_script_arguments, parse_corpus_options
@@ -58,12 +59,12 @@ class TrainingArguments:
     """Meta-training settings (every field is a command-line flag)."""
 
     # data
-    corpus: str = field(default="synthetic", metadata={"help": "ravdess, cremad, emodb, iemocap, esd, manifest or synthetic."})
-    data_dir: Optional[str] = field(default=None, metadata={"help": "Corpus folder (or manifest); not needed for synthetic."})
+    corpus: str = field(default="synthetic", metadata={"help": "ravdess, cremad, emodb, iemocap, esd, ased, emotiontts-ko, manifest or synthetic; several comma-separated (ravdess,ased)."})
+    data_dir: Optional[str] = field(default=None, metadata={"help": "Corpus folder (or manifest), one per corpus, comma-separated; not needed for synthetic."})
     corpus_options: Optional[str] = field(default=None, metadata={"help": 'Synthetic generator options as JSON, e.g. \'{"n_speakers": 8}\'.'})
-    validation_speakers: Optional[list[str]] = field(default=None, metadata={"help": "Explicit validation speakers."})
+    validation_speakers: Optional[list[str]] = field(default=None, metadata={"help": "Explicit validation speakers (corpus/speaker with several corpora)."})
     test_speakers: Optional[list[str]] = field(default=None, metadata={"help": "Explicit test speakers (never used here)."})
-    labels: Optional[list[str]] = field(default=None, metadata={"help": "Label vocabulary (default: the corpus' emotions)."})
+    labels: Optional[list[str]] = field(default=None, metadata={"help": "Label vocabulary (default: the corpus' emotions; one corpus only)."})
     # model
     tiny: bool = field(default=False, metadata={"help": "Use the tiny random model (tests, smoke runs)."})
     audio_encoder: Optional[str] = field(default=None, metadata={"help": "Hub id / HF folder / CTranslate2 Whisper folder."})
@@ -121,6 +122,10 @@ class TrainingArguments:
     def validate(self) -> None:
         """Raise ValueError for settings that cannot work, before any heavy work."""
         parse_corpus_options(self.corpus_options)
+        specs = parse_corpora(self.corpus, self.data_dir)  # names known, one folder per corpus
+        if self.labels and len(specs) > 1:
+            raise ValueError("--labels sets one label set for a single corpus; with several corpora each episode "
+                             "uses its own corpus' emotions, so drop --labels.")
         if self.encoder_mode not in ("frozen", "lora", "full"):
             raise ValueError(f"--encoder_mode must be frozen, lora or full, got {self.encoder_mode!r}.")
         if not 0 <= self.k_min <= self.k_max:
@@ -226,22 +231,29 @@ class EpisodeData:
     train_sampler: EpisodeSampler
     validation: dict[int, list[dict]]
     encoded: Optional[EncodedUtterances]
+    label_sets: Optional[dict[str, list[str]]] = None  # per corpus, when corpora are mixed
+
+    def next_example(self) -> dict:
+        """The sampler's next episode as a collator example (with its corpus' labels)."""
+        return episode_example(with_labels(next(self.train_sampler), self.label_sets), self.paths, self.encoded)
 
 
 def load_data(args: TrainingArguments, accelerator: Accelerator) -> tuple[Any, list[str]]:
-    """Utterance table and label vocabulary."""
+    """Utterance table (all corpora) and label vocabulary (their emotions' union)."""
     with accelerator.main_process_first():  # the synthetic corpus is generated once
-        table = read_corpus(args.corpus, args.data_dir, **parse_corpus_options(args.corpus_options))
+        table = read_corpora(parse_corpora(args.corpus, args.data_dir), **parse_corpus_options(args.corpus_options))
     labels = list(args.labels) if args.labels else sorted(set(table["emotion"]))
     return table, labels
 
 
 def prepare_episodes(args, accelerator, table, labels, model, processor) -> EpisodeData:
     """Speaker split, the training sampler, fixed validation episodes and cached features."""
-    splits = split_speakers(
-        table["speaker"], seed=args.seed,
+    specs = parse_corpora(args.corpus, args.data_dir)
+    splits = split_corpora(
+        table, specs, seed=args.seed,
         validation_speakers=args.validation_speakers, test_speakers=args.test_speakers,
     )
+    real_table = table
     train_speakers = list(splits["train"])
     if args.virtual_speakers:
         with accelerator.main_process_first():  # rendered once, then read from the cache
@@ -254,15 +266,11 @@ def prepare_episodes(args, accelerator, table, labels, model, processor) -> Epis
         table, speakers=train_speakers, k=(args.k_min, args.k_max), mode=args.enrollment_mode,
         seed=args.seed * 1000 + accelerator.process_index, permuted_label_share=args.permuted_label_share,
     )
-    validation = {}
-    for k in args.eval_k:
-        with accelerator.main_process_first():
-            episodes = build_episodes(
-                args.corpus, args.data_dir, k=k, mode=args.enrollment_mode, seed=args.seed,
-                episodes_per_speaker=args.eval_episodes_per_speaker,
-                validation_speakers=splits["validation"], test_speakers=splits["test"], **parse_corpus_options(args.corpus_options),
-            )["validation"]
-        validation[k] = list(episodes)
+    validation = {
+        k: split_episodes(real_table, specs, splits["validation"], "validation", k, args.enrollment_mode,
+                          seed=args.seed, episodes_per_speaker=args.eval_episodes_per_speaker)
+        for k in args.eval_k
+    }
     encoded = None
     if args.encoder_mode == "frozen":
         cache_dir = args.feature_cache_dir or str(default_cache_root() / "features")
@@ -272,7 +280,8 @@ def prepare_episodes(args, accelerator, table, labels, model, processor) -> Epis
             encoded = EncodedUtterances(
                 model, processor, rows, cache_dir=cache_dir, show_progress=accelerator.is_local_main_process
             )
-    return EpisodeData(labels, dict(zip(table["id"], table["path"])), splits, sampler, validation, encoded)
+    return EpisodeData(labels, dict(zip(table["id"], table["path"])), splits, sampler, validation, encoded,
+                       label_sets(real_table, specs))
 
 
 # ---------------------------------------------------------------------------- validation
@@ -358,7 +367,7 @@ def export(model, processor, args: TrainingArguments, summary: dict, output_dir:
         ModelCardData(
             library_name="transformers", license="apache-2.0", pipeline_tag="audio-classification",
             tags=["speech-emotion-recognition", "in-context-learning", "personalization", "icl-ser"],
-            datasets=[args.corpus], metrics=["unweighted_accuracy", "accuracy", "f1"],
+            datasets=[name for name, _ in parse_corpora(args.corpus, args.data_dir)], metrics=["unweighted_accuracy", "accuracy", "f1"],
         ),
         template_path=str(REPO_ROOT / "model_card.md"),
         model_id=args.hub_model_id or "icl-ser",
@@ -484,8 +493,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         losses = []
         for _ in range(args.gradient_accumulation_steps):
             with accelerator.accumulate(model):
-                batch = collator([episode_example(next(data.train_sampler), data.paths, data.encoded)
-                                  for _ in range(args.batch_size)])
+                batch = collator([data.next_example() for _ in range(args.batch_size)])
                 loss = model(**{k: v.to(accelerator.device) for k, v in batch.items()}).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:

@@ -5,12 +5,15 @@
 * :func:`build_episodes` - speaker-disjoint ``train/validation/test`` episodes
   (:class:`IclSerEpisodes`, a ``datasets.GeneratorBasedBuilder``).
 * :class:`EpisodeSampler` - fresh, seeded, resumable training episodes.
+* :func:`read_corpora` / :func:`split_corpora` / :func:`split_episodes` - several corpora at
+  once (namespaced speakers, per-corpus splits and label sets).
 * :class:`FeatureCache` / :func:`encode_paths` - frozen-encoder outputs on disk.
 """
 
 from .builder import EPISODE_FEATURES, IclSerEpisodes, IclSerEpisodesConfig, build_episodes
 from .corpora import CORPORA, UTTERANCE_FEATURES, CorpusReport, SkippedFile, read_corpus
 from .episodes import MODES, EpisodeSampler, SpeakerPool, build_pools
+from .multi import parse_corpora, read_corpora, split_corpora, split_episodes
 from .feature_cache import FeatureCache, content_key_for_file, content_key_for_samples, encode_paths
 from .splits import split_speakers
 from .synthetic import SyntheticConfig, generate_corpus
@@ -37,6 +40,10 @@ __all__ = [
     "encode_paths",
     "generate_corpus",
     "normalize_emotion",
+    "parse_corpora",
+    "read_corpora",
     "read_corpus",
+    "split_corpora",
+    "split_episodes",
     "split_speakers",
 ]

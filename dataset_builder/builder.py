@@ -19,6 +19,7 @@ from datasets.builder import Key
 
 from .corpora import check_corpus_name, read_corpus
 from .episodes import SpeakerPool, build_pools, check_mode, fixed_episodes, usable_pools
+from .multi import parse_corpora, read_corpora, split_corpora, split_episodes
 from .splits import SPLITS, split_speakers
 from .synthetic import default_cache_root
 
@@ -163,8 +164,10 @@ def build_episodes(
     """Build speaker-disjoint episodic ``train``/``validation``/``test`` splits of a corpus.
 
     Args:
-        corpus: A corpus name (``ravdess, cremad, emodb, iemocap, esd, manifest, synthetic``).
-        data_dir: The corpus folder (or manifest); not needed for ``synthetic``.
+        corpus: A corpus name (``ravdess, cremad, emodb, iemocap, esd, ased, emotiontts-ko,
+            manifest, synthetic``), or several comma-separated (``"ravdess,ased"``).
+        data_dir: The corpus folder (or manifest), one per corpus comma-separated; not needed
+            for ``synthetic``.
         k: Enrollment utterances per episode (0 is allowed).
         mode: ``arbitrary``, ``balanced`` or ``exclude_query_class``.
         episodes_per_speaker: Episodes per speaker; ``None`` (default) makes each eligible
@@ -184,7 +187,16 @@ def build_episodes(
     Speakers with too few utterances for ``k`` (fewer than K + 1, or in
     ``exclude_query_class`` fewer than K outside the query's emotion) are skipped with a
     warning; a ``k`` no speaker allows, or a split left without speakers, is a ``ValueError``.
+
+    Several corpora (see :mod:`dataset_builder.multi`): speakers are namespaced
+    (``"ased/01"``), each corpus is split on its own, and every episode has a ``labels``
+    column, its corpus' label set. These splits are built in memory (not cached).
     """
+    if "," in str(corpus):
+        return _mixed_episodes(
+            parse_corpora(str(corpus), None if data_dir is None else os.fspath(data_dir)), k, mode, episodes_per_speaker,
+            seed, validation_fraction, test_fraction, validation_speakers, test_speakers, corpus_options,
+        )
     config_kwargs: dict[str, Any] = dict(
         corpus=corpus,
         k=k,
@@ -210,3 +222,21 @@ def build_episodes(
     builder.preloaded_utterances = utterances
     builder.download_and_prepare()
     return builder.as_dataset()
+
+
+def _mixed_episodes(specs, k, mode, episodes_per_speaker, seed, validation_fraction, test_fraction,
+                    validation_speakers, test_speakers, corpus_options) -> datasets.DatasetDict:
+    """:func:`build_episodes` of several corpora: per-corpus splits, episodes with ``labels``."""
+    for name, folder in specs:  # every setting checked before a corpus is read
+        IclSerEpisodesConfig(corpus=name, data_dir=folder, k=k, mode=mode, episodes_per_speaker=episodes_per_speaker,
+                             corpus_options=corpus_options if name == "synthetic" else None)
+    table = read_corpora(specs, **corpus_options)
+    splits = split_corpora(table, specs, seed=seed, validation_fraction=validation_fraction, test_fraction=test_fraction,
+                           validation_speakers=validation_speakers, test_speakers=test_speakers)
+    features = datasets.Features({**EPISODE_FEATURES, "labels": datasets.List(datasets.Value("string"))})
+    return datasets.DatasetDict({
+        split: datasets.Dataset.from_list(
+            split_episodes(table, specs, splits[split], split, k, mode, seed, episodes_per_speaker), features=features
+        )
+        for split in SPLITS
+    })

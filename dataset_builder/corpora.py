@@ -93,6 +93,21 @@ ESD_EMOTIONS = {
     "sad": "sadness",
     "surprise": "surprise",
 }
+# ASED: the emotion letter + folder number that starts each name (one file writes "S4").
+ASED_EMOTIONS = {
+    "n1": "neutral",
+    "f2": "fear",
+    "h3": "happiness",
+    "s4": "sadness",
+    "a5": "anger",
+}
+# emotiontts-ko: the hundreds digit of the file number (read off the scripts, see its README).
+EMOTIONTTS_KO_EMOTIONS = {
+    "0": "neutral",
+    "1": "happiness",
+    "2": "sadness",
+    "3": "anger",
+}
 
 
 @dataclass(frozen=True)
@@ -299,6 +314,61 @@ def _scan_esd(root: Path) -> _ScanResult:
     return rows, skipped
 
 
+def _scan_ased(root: Path) -> _ScanResult:
+    # 0E<Emotion>/xn-yy-aa-gg-bb: emotion code, sentence, repetition, gender, speaker.
+    pattern = re.compile(r"^([A-Za-z]\d)-(\d\d)-(\d\d)-(\d\d)-(\d\d)$")
+    rows, skipped = [], []
+    for path in _audio_files(root):
+        match = pattern.match(_stem(path))
+        if not match:
+            skipped.append(SkippedFile(str(path), "bad_name", "name is not xn-yy-aa-gg-bb (e.g. n1-01-01-01-01)"))
+            continue
+        code, _, _, _, speaker = match.groups()
+        if code.lower() not in ASED_EMOTIONS:
+            skipped.append(SkippedFile(str(path), "unknown_label", f"unknown emotion code {code!r}"))
+            continue
+        # Speakers on bb alone: five speakers carry both gender codes in the release.
+        rows.append(
+            {
+                "id": f"ased/{_stem(path)}",
+                "path": str(path),
+                "speaker": speaker,
+                "emotion": ASED_EMOTIONS[code.lower()],
+                "original_label": code,
+            }
+        )
+    return rows, skipped
+
+
+def _scan_emotiontts_ko(root: Path) -> _ScanResult:
+    # <subset>/<speaker>/<speaker><NNNNN>.flac; the emotion is the hundreds digit of NNNNN.
+    rows, skipped = [], []
+    for path in _audio_files(root):
+        parts = path.relative_to(root).parts
+        if len(parts) != 3:
+            skipped.append(SkippedFile(str(path), "bad_name", "not inside <subset>/<speaker>/"))
+            continue
+        subset, speaker = parts[0], parts[1]
+        match = re.fullmatch(re.escape(speaker) + r"(\d{5})", _stem(path))
+        if not match:
+            skipped.append(SkippedFile(str(path), "bad_name", f"name is not {speaker}NNNNN"))
+            continue
+        code = match.group(1)[:3]
+        if code[:2] != "00" or code[2] not in EMOTIONTTS_KO_EMOTIONS:
+            skipped.append(SkippedFile(str(path), "unknown_label", f"unknown emotion code {code!r}"))
+            continue
+        rows.append(
+            {
+                "id": f"emotiontts-ko/{subset}/{speaker}/{_stem(path)}",
+                "path": str(path),
+                "speaker": speaker,
+                "emotion": EMOTIONTTS_KO_EMOTIONS[code[2]],
+                "original_label": code,
+            }
+        )
+    return rows, skipped
+
+
 MANIFEST_COLUMNS = ("path", "speaker", "emotion")
 _MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl")
 
@@ -414,6 +484,8 @@ _SCANNERS: dict[str, tuple[Callable[[Path], _ScanResult], str]] = {
     "emodb": (_scan_emodb, "wav/03a01Fa.wav files"),
     "iemocap": (_scan_iemocap, "Session1..5/dialog/EmoEvaluation/*.txt and Session*/sentences/wav/"),
     "esd": (_scan_esd, "<speaker>/<Angry|Happy|Neutral|Sad|Surprise>/*.wav files"),
+    "ased": (_scan_ased, "0E<Emotion>/xn-yy-aa-gg-bb.flac files"),
+    "emotiontts-ko": (_scan_emotiontts_ko, "<subset>/<speaker>/<speaker>NNNNN.flac files"),
     "manifest": (_scan_manifest, "a manifest .csv/.tsv/.jsonl with path, speaker, emotion columns"),
 }
 
@@ -438,8 +510,8 @@ def read_corpus(
     """Read a corpus into an utterance table.
 
     Args:
-        name: One of :data:`CORPORA` (``ravdess, cremad, emodb, iemocap, esd, manifest,
-            synthetic``).
+        name: One of :data:`CORPORA` (``ravdess, cremad, emodb, iemocap, esd, ased,
+            emotiontts-ko, manifest, synthetic``).
         data_dir: The corpus folder; for ``manifest`` the manifest file or a folder holding
             one; for ``synthetic`` optional, the cache root to generate into (default
             ``$ICL_SER_CACHE`` or ``~/.cache/icl_ser``).

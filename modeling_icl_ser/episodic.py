@@ -96,20 +96,25 @@ def episode_example(
 ) -> dict[str, Any]:
     """One episode as an :class:`IclSerDataCollator` example.
 
-    With ``encoded``, the example carries cached encoder outputs; otherwise audio paths.
+    With ``encoded``, the example carries cached encoder outputs; otherwise audio paths. An
+    episode's own ``labels`` (its corpus' label set, when corpora are mixed) become the
+    example's ``candidate_labels``.
     """
     enrollment_ids, labels = list(episode["enrollment_ids"]), list(episode["enrollment_labels"])
+    own = {"candidate_labels": list(episode["labels"])} if episode.get("labels") else {}
     if encoded is not None:
         return {
             "query_hidden_states": encoded[episode["query_id"]],
             "enrollment_hidden_states": [encoded[i] for i in enrollment_ids],
             "enrollment_labels": labels,
             "answer": episode["emotion"],
+            **own,
         }
     return {
         "query": paths[episode["query_id"]],
         "enrollment": [(paths[i], label) for i, label in zip(enrollment_ids, labels)],
         "answer": episode["emotion"],
+        **own,
     }
 
 
@@ -127,26 +132,40 @@ def predict_episodes(
 ) -> np.ndarray:
     """Class probabilities ``(n_episodes, len(labels))`` of ``model.classify`` on episodes.
 
+    An episode with its own ``labels`` (episodes of several corpora) is scored over those only:
+    episodes are batched by label set, and the columns of ``labels`` outside an episode's set
+    are 0 in its row.
+
     Raises:
-        ValueError: an episode's query or enrollment label is not in ``labels``.
+        ValueError: an episode's query or enrollment label is not in its label set, or its label
+            set is not within ``labels``.
     """
-    used = {e["emotion"] for e in episodes} | {label for e in episodes for label in e["enrollment_labels"]}
-    unknown = sorted(used - set(labels))
-    if unknown:
-        raise ValueError(
-            f"Episodes use labels {unknown} that are not in the label set {list(labels)}; "
-            "pass --labels including them (or evaluate on a corpus with this label set)."
-        )
+    labels = list(labels)
+    for episode in episodes:
+        own = list(episode.get("labels") or labels)
+        used = {episode["emotion"], *episode["enrollment_labels"]}
+        unknown = sorted((used - set(own)) | (set(own) - set(labels)))
+        if unknown:
+            raise ValueError(
+                f"Episodes use labels {unknown} that are not in the label set {own if set(own) <= set(labels) else labels}; "
+                "pass --labels including them (or evaluate on a corpus with this label set)."
+            )
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for index, episode in enumerate(episodes):
+        groups.setdefault(tuple(episode.get("labels") or labels), []).append(index)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    probabilities = []
-    for start in tqdm(range(0, len(episodes), batch_size), desc=description, disable=not show_progress):
-        batch = collator([episode_example(e, paths, encoded) for e in episodes[start : start + batch_size]])
+    probabilities = np.zeros((len(episodes), len(labels)), dtype=np.float32)
+    batches = [(group, indices[start : start + batch_size])
+               for group, indices in groups.items() for start in range(0, len(indices), batch_size)]
+    for group, indices in tqdm(batches, desc=description, disable=not show_progress):
+        batch = collator([episode_example(episodes[i], paths, encoded) for i in indices])
         batch = {name: value.to(device) for name, value in batch.items()}
-        probabilities.append(model.classify(**batch).float().cpu().numpy())
+        columns = [labels.index(label) for label in group]
+        probabilities[np.ix_(indices, columns)] = model.classify(**batch).float().cpu().numpy()
     model.train(was_training)
-    return np.concatenate(probabilities) if probabilities else np.zeros((0, len(labels)))
+    return probabilities
 
 
 def with_audio_paths(episodes: "datasets.Dataset", utterances: "datasets.Dataset") -> "datasets.Dataset":

@@ -126,6 +126,7 @@ class IclSerProcessor(ProcessorMixin):
         sampling_rate: Optional[int] = None,
         return_tensors: Optional[str] = "pt",
         label_enrollment: bool = False,
+        row_labels: Optional[Sequence[Sequence[str]]] = None,
     ) -> BatchFeature:
         """Build a batch for `forward`, `classify` and `generate`.
 
@@ -141,6 +142,9 @@ class IclSerProcessor(ProcessorMixin):
             sampling_rate: Rate of raw arrays/tensors.
             return_tensors: `"pt"` (default), `"np"`, or None.
             label_enrollment: With `answer`, make the enrollment labels' tokens targets too.
+            row_labels: One candidate list per sample (e.g. episodes of several corpora in one
+                training batch): each sample's instruction lists its own, and its enrollment
+                labels and answer must be among them; `labels` stays what `classify` scores.
 
         Returns:
             `BatchFeature` with `input_ids`, `attention_mask` (left-padded), `input_features`,
@@ -152,9 +156,10 @@ class IclSerProcessor(ProcessorMixin):
         """
         queries, enrollments, answers = self._normalize_batch(query, enrollment, answer)
         candidates = self._check_labels(self.labels if labels is None else list(labels), "labels")
-        enroll_labels = self._check_enrollment_labels(enrollments, answers, candidates)
+        rows = self._check_row_labels(row_labels, len(queries))
+        enroll_labels = self._check_enrollment_labels(enrollments, answers, candidates, rows)
         audios = self._load_audios(queries, enrollments, sampling_rate)
-        text = self.text_inputs(enroll_labels, answers, candidates, label_enrollment)
+        text = self.text_inputs(enroll_labels, answers, candidates, label_enrollment, rows)
         return BatchFeature({**text, **self.audio_inputs(audios)}, tensor_type=return_tensors)
 
     # ------------------------------------------------------------------------ validation
@@ -212,21 +217,29 @@ class IclSerProcessor(ProcessorMixin):
                 raise ValueError(f"Label {label!r} contains a newline or the audio token; use a plain label word.")
         return list(labels)
 
+    def _check_row_labels(self, row_labels, n_samples: int) -> Optional[list[list[str]]]:
+        if row_labels is None:
+            return None
+        if isinstance(row_labels, str) or len(row_labels) != n_samples:
+            raise ValueError(f"row_labels must hold one candidate list per sample ({n_samples}).")
+        return [self._check_labels(list(row), f"row_labels[{i}]") for i, row in enumerate(row_labels)]
+
     @staticmethod
-    def _check_enrollment_labels(enrollments, answers, candidates) -> list[list[str]]:
+    def _check_enrollment_labels(enrollments, answers, candidates, row_labels=None) -> list[list[str]]:
         # The instruction lists the candidates, so a context or answer label outside them is
         # almost always a typo ("happy" vs "happiness") that would silently hurt accuracy.
-        allowed = set(candidates)
         for i, (pairs, answer) in enumerate(zip(enrollments, answers)):
+            allowed = set(candidates if row_labels is None else row_labels[i])
+            candidates_i = candidates if row_labels is None else row_labels[i]
             for _, label in pairs:
                 if label not in allowed:
                     raise ValueError(
-                        f"Enrollment label {label!r} of sample {i} is not among the candidate labels {candidates}; "
+                        f"Enrollment label {label!r} of sample {i} is not among the candidate labels {candidates_i}; "
                         "fix the label or pass labels=[...] including it."
                     )
             if answer is not None and answer not in allowed:
                 raise ValueError(
-                    f"answer {answer!r} of sample {i} is not among the candidate labels {candidates}; "
+                    f"answer {answer!r} of sample {i} is not among the candidate labels {candidates_i}; "
                     "fix the answer or pass labels=[...] including it."
                 )
         return [[label for _, label in pairs] for pairs in enrollments]
@@ -309,16 +322,20 @@ class IclSerProcessor(ProcessorMixin):
         answers: list[Optional[str]],
         candidates: list[str],
         label_enrollment: bool = False,
+        row_candidates: Optional[list[list[str]]] = None,
     ) -> dict[str, np.ndarray]:
         """Left-padded prompt ids/mask, candidate ids/mask and, if any answer is given, labels.
 
         With `label_enrollment`, the enrollment labels' tokens are training targets too (an
-        auxiliary loss: the model also learns to label the context utterances).
+        auxiliary loss: the model also learns to label the context utterances). With
+        `row_candidates`, row i's instruction lists `row_candidates[i]` instead of `candidates`
+        (the candidate ids are always `candidates`').
         """
         pad = self._pad_id()
         rows, targets = [], []
-        for labels_i, answer in zip(enrollment_labels, answers):
-            prompt, prompt_targets = self._prompt(labels_i, candidates)
+        for i, (labels_i, answer) in enumerate(zip(enrollment_labels, answers)):
+            listed = candidates if row_candidates is None else row_candidates[i]
+            prompt, prompt_targets = self._prompt(labels_i, listed)
             answer_part = self.answer_ids(answer) if answer is not None else []
             rows.append(prompt + answer_part)
             context = prompt_targets if label_enrollment else [-100] * len(prompt)
@@ -389,6 +406,10 @@ class IclSerDataCollator:
         - `"query_hidden_states"`: `(T, D)` array, `"enrollment_hidden_states"`: list of `(T_j, D)`,
         - `"enrollment_labels"`: list of labels, and `"answer"`/`"emotion"`;
     these give `audio_hidden_states`/`audio_hidden_mask` instead of `input_features`.
+    Optionally `"candidate_labels"`: the example's own candidate labels (episodes of several
+    corpora, each with its corpus' label set). Its instruction lists them; `classify` scores the
+    batch's shared set when all examples agree, else their union in order of appearance (so
+    batch examples of one label set together for `classify`, as `predict_episodes` does).
 
     Args:
         processor: The `IclSerProcessor`.
@@ -411,23 +432,37 @@ class IclSerDataCollator:
             raise ValueError('Each training example needs its query label as "answer" (or "emotion").')
         return answer
 
+    def _candidates(self, examples: list[dict[str, Any]]) -> tuple[Optional[list[str]], Optional[list[list[str]]]]:
+        """(labels `classify` scores, per-example instruction labels or None)."""
+        own = [ex.get("candidate_labels") for ex in examples]
+        if all(labels is None for labels in own):
+            return self.labels, None
+        if any(labels is None for labels in own):
+            raise ValueError('Give "candidate_labels" for every example of a batch, or for none.')
+        rows = [list(labels) for labels in own]
+        return list(dict.fromkeys(label for row in rows for label in row)), rows
+
     def __call__(self, examples: list[dict[str, Any]]) -> BatchFeature:
         if not examples:
             raise ValueError("The collator got an empty list of examples.")
         if "query_hidden_states" in examples[0]:
             return self._collate_hidden(examples)
+        labels, rows = self._candidates(examples)
         return self.processor(
             query=[ex["query"] for ex in examples],
             enrollment=[ex.get("enrollment") or [] for ex in examples],
             answer=[self._answer(ex) for ex in examples],
-            labels=self.labels,
+            labels=labels,
             sampling_rate=self.sampling_rate,
             label_enrollment=self.label_enrollment,
+            row_labels=rows,
         )
 
     def _collate_hidden(self, examples: list[dict[str, Any]]) -> BatchFeature:
         proc = self.processor
-        candidates = proc._check_labels(proc.labels if self.labels is None else list(self.labels), "labels")
+        labels, rows = self._candidates(examples)
+        candidates = proc._check_labels(proc.labels if labels is None else list(labels), "labels")
+        rows = proc._check_row_labels(rows, len(examples))
         enrollments = [list(ex.get("enrollment_labels") or []) for ex in examples]
         answers = [self._answer(ex) for ex in examples]
         hidden = []
@@ -437,8 +472,8 @@ class IclSerDataCollator:
                 raise ValueError(f"Example {i}: {len(states)} enrollment_hidden_states but "
                                  f"{len(enrollments[i])} enrollment_labels.")
             hidden += [torch.as_tensor(np.asarray(s), dtype=torch.float32) for s in states + [ex["query_hidden_states"]]]
-        proc._check_enrollment_labels([[(None, lab) for lab in e] for e in enrollments], answers, candidates)
-        text = proc.text_inputs(enrollments, answers, candidates, self.label_enrollment)
+        proc._check_enrollment_labels([[(None, lab) for lab in e] for e in enrollments], answers, candidates, rows)
+        text = proc.text_inputs(enrollments, answers, candidates, self.label_enrollment, rows)
         width = max(h.shape[0] for h in hidden)
         states = torch.zeros(len(hidden), width, hidden[0].shape[-1])
         mask = torch.zeros(len(hidden), width, dtype=torch.long)

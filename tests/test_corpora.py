@@ -260,7 +260,7 @@ def test_bad_input(tmp_path: Path) -> None:
     (tmp_path / "b.csv").write_text("path,speaker,emotion\n")
     with pytest.raises(ValueError, match="pass the manifest file"):
         read_corpus("manifest", tmp_path)
-    assert set(CORPORA) == {"ravdess", "cremad", "emodb", "iemocap", "esd", "manifest", "synthetic"}
+    assert set(CORPORA) == {"ravdess", "cremad", "emodb", "iemocap", "esd", "ased", "emotiontts-ko", "manifest", "synthetic"}
 
 
 def test_normalize_emotion() -> None:
@@ -272,14 +272,90 @@ def test_normalize_emotion() -> None:
         normalize_emotion("  ")
 
 
-# ----------------------------------------------------------------------------- real RAVDESS
-def ravdess_root() -> Path | None:
-    candidates = [os.environ.get("ICL_SER_RAVDESS"), "/work/shared/data/ravdess",
-                  Path(__file__).resolve().parents[2] / "shared" / "data" / "ravdess"]
+# ----------------------------------------------------------------------------- shared copies
+def shared_root(name: str, marker: str) -> Path | None:
+    """The shared copy of corpus ``name`` ($ICL_SER_<NAME>, or ../shared/data/<name>), if it holds ``marker``."""
+    variable = "ICL_SER_" + name.upper().replace("-", "_")
+    candidates = [os.environ.get(variable), f"/work/shared/data/{name}",
+                  Path(__file__).resolve().parents[2] / "shared" / "data" / name]
     for candidate in candidates:
-        if candidate and (Path(candidate) / "Actor_01").is_dir():
+        if candidate and (Path(candidate) / marker).is_dir():
             return Path(candidate)
     return None
+
+
+def ravdess_root() -> Path | None:
+    return shared_root("ravdess", "Actor_01")
+
+
+# ----------------------------------------------------------------------------- ASED
+def test_ased(tmp_path: Path) -> None:
+    root = tmp_path / "ased"
+    write_audio(root / "01Neutral" / "n1-01-01-01-01.flac")
+    write_audio(root / "02Fearful" / "f2-03-02-02-01.flac")
+    write_audio(root / "04Sad" / "S4-04-02-01-29.flac")  # the release's one upper-case code
+    write_audio(root / "05Angry" / "a5-01-01-02-09.flac")  # speaker 09, male code
+    write_audio(root / "05Angry" / "a5-01-02-01-09.flac")  # speaker 09, female code: same speaker
+    write_audio(root / "03Happy" / "x9-01-01-01-01.flac")  # unknown emotion code
+    write_audio(root / "03Happy" / "h3-01-01-01.flac")  # not xn-yy-aa-gg-bb
+    table, report = read_corpus("ased", root, return_report=True)
+    rows = {row["id"]: row for row in table}
+    assert set(rows) == {"ased/n1-01-01-01-01", "ased/f2-03-02-02-01", "ased/S4-04-02-01-29",
+                         "ased/a5-01-01-02-09", "ased/a5-01-02-01-09"}
+    assert {r["speaker"] for r in rows.values()} == {"01", "09", "29"}
+    assert rows["ased/S4-04-02-01-29"]["emotion"] == "sadness"
+    assert rows["ased/S4-04-02-01-29"]["original_label"] == "S4"
+    assert rows["ased/f2-03-02-02-01"]["emotion"] == "fear"
+    assert {rows[i]["speaker"] for i in ("ased/a5-01-01-02-09", "ased/a5-01-02-01-09")} == {"09"}
+    assert kinds(report) == Counter({"unknown_label": 1, "bad_name": 1})
+    assert set(table["corpus"]) == {"ased"}
+
+
+# ----------------------------------------------------------------------------- emotiontts-ko
+def test_emotiontts_ko(tmp_path: Path) -> None:
+    root = tmp_path / "emotiontts-ko"
+    write_audio(root / "plain-to-emotional" / "ema" / "ema00001.flac")
+    write_audio(root / "plain-to-emotional" / "ema" / "ema00105.flac")
+    write_audio(root / "emotional-to-emotional" / "nea" / "nea00201.flac")
+    write_audio(root / "emotional-to-emotional" / "nea" / "nea00305.flac")
+    write_audio(root / "emotional-to-emotional" / "nea" / "nea00401.flac")  # no emotion 4
+    write_audio(root / "emotional-to-emotional" / "nea" / "neb00001.flac")  # another speaker's name
+    write_audio(root / "loose00001.flac")  # not inside <subset>/<speaker>/
+    table, report = read_corpus("emotiontts-ko", root, return_report=True)
+    rows = {row["id"]: row for row in table}
+    assert set(rows) == {"emotiontts-ko/plain-to-emotional/ema/ema00001", "emotiontts-ko/plain-to-emotional/ema/ema00105",
+                         "emotiontts-ko/emotional-to-emotional/nea/nea00201",
+                         "emotiontts-ko/emotional-to-emotional/nea/nea00305"}
+    assert [rows[i]["emotion"] for i in sorted(rows)] == ["sadness", "anger", "neutral", "happiness"]
+    assert rows["emotiontts-ko/emotional-to-emotional/nea/nea00305"]["original_label"] == "003"
+    assert set(table["speaker"]) == {"ema", "nea"}
+    assert kinds(report) == Counter({"unknown_label": 1, "bad_name": 2})
+
+
+@pytest.mark.skipif(shared_root("ased", "01Neutral") is None, reason="shared ASED not found (set ICL_SER_ASED)")
+def test_real_ased() -> None:
+    table, report = read_corpus("ased", shared_root("ased", "01Neutral"), return_report=True)
+    assert report.skipped == []
+    assert table.num_rows == 2470 and len(set(table["id"])) == 2470
+    assert len(set(table["speaker"])) == 65
+    assert set(table["emotion"]) == {"neutral", "fear", "happiness", "sadness", "anger"}
+    counts = Counter(table["speaker"]).values()
+    assert (min(counts), max(counts)) == (4, 70)  # the README's range
+
+
+@pytest.mark.skipif(shared_root("emotiontts-ko", "plain-to-emotional") is None,
+                    reason="shared emotiontts-ko not found (set ICL_SER_EMOTIONTTS_KO)")
+def test_real_emotiontts_ko() -> None:
+    table, report = read_corpus("emotiontts-ko", shared_root("emotiontts-ko", "plain-to-emotional"), return_report=True)
+    assert report.skipped == []
+    assert table.num_rows == 300
+    assert len(set(table["speaker"])) == 15
+    assert set(table["emotion"]) == {"neutral", "happiness", "sadness", "anger"}
+    # 20 per speaker, 5 per emotion.
+    assert set(Counter(zip(table["speaker"], table["emotion"])).values()) == {5}
+
+
+# ----------------------------------------------------------------------------- real RAVDESS
 
 
 @pytest.mark.skipif(ravdess_root() is None, reason="real RAVDESS not found (set ICL_SER_RAVDESS)")

@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from test_multi_corpus import corpora  # noqa: F401  (fixture: an ASED-layout folder and a manifest corpus)
 
 REPO = Path(__file__).resolve().parents[1]
 # Same small corpus as tests/test_train.py (6 speakers: 4 train, 1 validation, 1 test).
@@ -139,3 +142,64 @@ def test_validation_split_evaluates_the_validation_speakers(tmp_path):
     predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert {p["speaker"] for p in predictions} == set(report["splits"]["validation"])
     assert "validation speakers" in (tmp_path / "results.md").read_text()
+
+
+# ----------------------------------------------------------------------------- cross-corpus
+CROSS = ["--n_bootstrap", "20", "--baseline_train_steps", "20", "--tiny", "--k", "0", "2", "--episodes_per_speaker", "2"]
+
+
+def test_cross_corpus_eval_tests_every_speaker_with_baselines_fitted_elsewhere(corpora, tmp_path):
+    report = run_eval([*CROSS, "--corpus", "ased", "--data_dir", str(corpora["ased"]), "--test_speakers", "all",
+                       "--methods", "baselines", "--baseline_corpus", "manifest", "--baseline_data_dir", str(corpora["manifest"]),
+                       "--output_dir", str(tmp_path / "out")])
+    assert report["splits"]["test"] == ["01", "02", "03", "04"] and report["splits"]["train"] == []
+    assert report["labels"] == ["anger", "fear", "happiness", "neutral", "sadness"]
+    assert report["baseline_labels"] == ["calm", "happiness", "pride"]
+    assert {r["method"] for r in report["results"]} == {"si", "si_norm", "si_finetune", "prototypes", "speaker_embedding"}
+    # Only "happiness" is shared, so every baseline answers it, and UA is 1 / (emotions queried).
+    predictions = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert {p["prediction"] for p in predictions} == {"happiness"}
+    queried = {p["emotion"] for p in predictions}
+    assert all(r["ua"] == pytest.approx(1 / len(queried)) for r in report["results"])
+
+
+def test_restrict_to_labels():
+    sys.path.insert(0, str(REPO))
+    from eval import restrict_to_labels
+
+    probabilities = np.array([[0.5, 0.3, 0.2], [0.0, 0.0, 1.0]])
+    out = restrict_to_labels(probabilities, ["anger", "calm", "surprise"], ["anger", "calm", "fear"])
+    np.testing.assert_allclose(out, [[0.625, 0.375, 0.0], [0.5, 0.5, 0.0]])  # renormalized; no mass left: uniform
+    assert restrict_to_labels(probabilities, ["a", "b", "c"], ["a", "b", "c"]) is probabilities
+    with pytest.raises(ValueError, match="none of the test labels"):
+        restrict_to_labels(probabilities, ["a", "b", "c"], ["x"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--test_speakers", "all", "--methods", "baselines"], "pass --baseline_corpus"),
+        (["--test_speakers", "all", "01"], "stands alone"),
+        (["--test_speakers", "all", "--validation_speakers", "01", "--methods", "si", "--baseline_corpus", "emodb"], "drop --validation_speakers"),
+        (["--baseline_data_dir", "x"], "needs --baseline_corpus"),
+        (["--baseline_corpus", "ased"], "repeats the test corpus"),
+        (["--baseline_corpus", "emodb,esd", "--baseline_data_dir", "x"], "gives 1 folder"),
+        (["--corpus", "ased,emodb"], "gives 1 folder"),
+        (["--corpus", "ased,manifest", "--data_dir", "a,b", "--labels", "anger", "fear"], "drop --labels"),
+    ],
+)
+def test_bad_cross_corpus_flags_fail_before_work(args, message, tmp_path):
+    base = ["--corpus", "ased", "--data_dir", "/nonexistent/ased"]
+    with pytest.raises(ValueError, match=message):
+        run_eval([*CROSS, *base, *args, "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_corpora_in_domain_scores_each_episode_over_its_own_labels(corpora, tmp_path):
+    report = run_eval([*CROSS, "--corpus", "ased,manifest", "--data_dir", f"{corpora['ased']},{corpora['manifest']}",
+                       "--methods", "si", "--output_dir", str(tmp_path / "out")])
+    assert {s.split("/")[0] for s in report["splits"]["test"]} == {"ased", "manifest"}
+    own = {"ased": {"anger", "fear", "happiness", "neutral", "sadness"}, "manifest": {"calm", "happiness", "pride"}}
+    for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines():
+        prediction = json.loads(line)
+        assert prediction["prediction"] in own[prediction["speaker"].split("/")[0]]
