@@ -416,9 +416,10 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
             cache=cache, use_cache=use_cache, logits_to_keep=predictors, **kwargs,
         )
-        chosen = targets[:, predictors]
+        chosen = targets[:, predictors].flatten()
+        scored = chosen != -100  # only real targets: a padding column's logits may be non-finite
         loss = nn.functional.cross_entropy(
-            outputs.logits.float().flatten(0, 1), chosen.flatten(), ignore_index=-100,
+            outputs.logits.flatten(0, 1)[scored].float(), chosen[scored],
             reduction="sum" if num_items is not None else "mean",
         )
         if num_items is not None:
