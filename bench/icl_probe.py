@@ -20,8 +20,8 @@ Features come from the same encoder eval.py's baselines use (``eval.feature_mode
 Whisper tiny.en, or the tiny random model with ``--tiny``), through the on-disk feature cache
 ($ICL_SER_CACHE/features), so re-runs only pay for the probe's training.
 
-Usage (from the repo root). The default 2000 steps of 32 episodes took 3-4 min on one thread of a
-shared 2-core CPU once features were cached (docs/PROBE.md has the measured grid)::
+Usage (from the repo root). The default 2000 steps of 32 episodes took 1.8-5.6 min on one thread
+of a shared 2-core CPU once features were cached (docs/PROBE.md has the measured grid)::
 
     OMP_NUM_THREADS=1 python bench/icl_probe.py                                  # synthetic corpus
     OMP_NUM_THREADS=1 python bench/icl_probe.py --audio_feature_layer 1 --permuted_label_share 0.5
