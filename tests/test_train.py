@@ -62,6 +62,10 @@ def test_bad_arguments_fail_before_work(tmp_path):
         train.main([*FAST, "--language_model_layers", "-1", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="virtual_speakers"):
         train.main([*FAST, "--virtual_speakers", "-1", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="choose one of tiny.en, base"):
+        train.main([*FAST, "--offline_encoder", "large", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="drop it with --audio_encoder or --tiny"):
+        train.main([*FAST, "--offline_encoder", "base", "--output_dir", str(tmp_path)])  # FAST has --tiny
     assert not (tmp_path / "final").exists()
 
 
