@@ -259,9 +259,9 @@ def feature_model(args: EvalArguments, labels: list[str], loaded: dict[str, Any]
         return model, processor, f"tiny random model (tiny_icl_ser(seed={args.seed}))"
     source = args.audio_encoder
     if source is None:  # only the encoder is needed: the LM package may be absent
-        from modeling_icl_ser.backbones import offline_audio_encoder
+        from modeling_icl_ser.backbones import DEFAULT_OFFLINE_ENCODER, offline_audio_encoder
 
-        source = offline_audio_encoder(args.offline_encoder or "tiny.en")
+        source = offline_audio_encoder(args.offline_encoder or DEFAULT_OFFLINE_ENCODER)
     model, processor = encoder_only_model(source, labels)
     return model, processor, f"audio encoder {source}"
 

