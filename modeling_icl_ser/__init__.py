@@ -3,8 +3,9 @@
 Importing the package registers the model with the transformers Auto classes, and marks the
 config, model and processor for `register_for_auto_class`, so `save_pretrained` writes an
 `auto_map` and copies the code files next to the weights (load with `trust_remote_code=True`).
-It also registers the `"icl-speech-emotion"` pipeline; `save_with_pipeline` writes a checkpoint
-that carries it (see the README).
+It also registers the `"icl-speech-emotion"` pipeline; a checkpoint saved with
+`model.save_pretrained` (or `save_with_pipeline`, model and processor in one call) carries it
+(see the README).
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor

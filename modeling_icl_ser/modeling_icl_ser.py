@@ -7,6 +7,11 @@ Transformers model-file idiom with relative imports only, so that a saved checkp
 
 import hashlib
 import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -28,6 +33,42 @@ _MODEL_FINGERPRINT_VERSION = "icl_ser-model-v1"
 _FINGERPRINT_IGNORED_KEYS = (
     "transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype", "auto_map", "custom_pipelines",
 )
+
+
+# What `Pipeline.save_pretrained` writes for the "icl-speech-emotion" pipeline (pipeline_icl_ser.py);
+# a plain `model.save_pretrained` writes it too, so the folder runs with `pipeline(...)`.
+_PIPELINE_FILE = "pipeline_icl_ser.py"
+_CUSTOM_PIPELINES = {
+    "icl-speech-emotion": {"impl": "pipeline_icl_ser.IclSpeechEmotionPipeline", "pt": ["AutoModel"], "type": "multimodal"}
+}
+
+
+logger = logging.getLogger(__name__)
+
+
+def _pipeline_file() -> Optional[Path]:
+    """The pipeline code to copy into a checkpoint: beside this file (the package), else the
+    loaded pipeline module's (remote code: transformers caches each file in its own folder)."""
+    beside = Path(__file__).with_name(_PIPELINE_FILE)
+    if beside.is_file():
+        return beside
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if name.rsplit(".", 1)[-1] == _PIPELINE_FILE[:-3] and file and Path(file).is_file():
+            return Path(file)
+    return None
+
+
+def _copy_atomically(source: Path, target: Path) -> None:
+    """Copy a file through a temporary file in the target folder, renamed into place."""
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".py", dir=target.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(source.read_bytes())
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
 
 
 def _fingerprint(version: str, config, module: nn.Module) -> str:
@@ -258,6 +299,42 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         takes a moment for large models; callers cache it.
         """
         return _fingerprint(_MODEL_FINGERPRINT_VERSION, self.config, self)
+
+    # ---------------------------------------------------------------------------- saving
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus the `"icl-speech-emotion"` pipeline: its code
+        file is copied next to the model code and config.json names it in `custom_pipelines`,
+        so `pipeline("icl-speech-emotion", model=folder, trust_remote_code=True)` runs on a
+        plain `model.save_pretrained` + `processor.save_pretrained` folder too.
+
+        Skipped (with a warning, and any inherited `custom_pipelines` left out of the saved
+        config) when the pipeline code is not at hand, e.g. a model loaded from remote code
+        without its pipeline; the folder then still loads with `AutoModel`.
+        """
+        pipeline_file = _pipeline_file()
+        registered = getattr(self, "_auto_class", None) is not None  # code files get copied
+        copy = registered and pipeline_file is not None
+        if registered and pipeline_file is None:
+            logger.warning("The icl-speech-emotion pipeline code is not loaded; %s will load with AutoModel "
+                           "but not with pipeline(...).", save_directory)
+        # Changed while saving only, so the in-memory config stays as it was. Without the code
+        # file, an inherited entry is left out: the folder must not name code it lacks.
+        had = hasattr(self.config, "custom_pipelines")
+        inherited = getattr(self.config, "custom_pipelines", None)
+        if copy:
+            self.config.custom_pipelines = inherited or json.loads(json.dumps(_CUSTOM_PIPELINES))
+        elif had:
+            del self.config.custom_pipelines
+        try:
+            result = super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            if had:
+                self.config.custom_pipelines = inherited
+            elif hasattr(self.config, "custom_pipelines"):
+                del self.config.custom_pipelines
+        if copy and kwargs.get("is_main_process", True):
+            _copy_atomically(pipeline_file, Path(save_directory) / _PIPELINE_FILE)
+        return result
 
     # --------------------------------------------------------------------------- merging
     def _count_audios(

@@ -9,7 +9,7 @@ A [`SpeakerProfile`] holds the language model's key/value cache of the speaker's
 (instruction + enrollment lines). The query line that follows it has the same tokens for every
 query, so queries run on top of the cached prefix and cost about as much as zero-shot ones.
 
-Relative imports only: `save_with_pipeline` copies this file next to the weights, and
+Relative imports only: `model.save_pretrained` / `save_with_pipeline` copy this file next to the weights, and
 `trust_remote_code=True` runs it where the package is not installed.
 """
 
@@ -363,7 +363,8 @@ def save_with_pipeline(model, processor, save_directory: Union[str, os.PathLike]
     """Save a checkpoint that carries the `"icl-speech-emotion"` pipeline (what training's export calls).
 
     Writes the weights (safetensors), the processor, the model and pipeline code files, and
-    `custom_pipelines` in config.json. `kwargs` go to `save_pretrained` (e.g. `safe_serialization`).
+    `custom_pipelines` in config.json: what `model.save_pretrained` + `processor.save_pretrained`
+    write too, in one call. `kwargs` go to `save_pretrained` (e.g. `safe_serialization`).
     """
     IclSpeechEmotionPipeline(model=model, processor=processor, device=model.device).save_pretrained(
         save_directory, **kwargs

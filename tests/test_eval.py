@@ -53,6 +53,8 @@ def models(tmp_path_factory):
         (["--labels", "anger", "happiness"], "not in the label set"),
         (["--validation_speakers", "spk00"], "test split has no speaker"),
         (["--eval_split", "train"], "--eval_split must be test or validation"),
+        (["--offline_encoder", "large"], "Unknown offline encoder 'large'; choose one of tiny.en, base"),
+        (["--offline_encoder", "base"], "drop it with --model, --audio_encoder or --tiny"),
         (["--eval_split", "validation", "--model", str(REPO), "--update_model_card"], "drop it with --eval_split"),
     ],
 )

@@ -180,8 +180,10 @@ _CHILD = textwrap.dedent(
     sys.modules["modeling_icl_ser"] = None  # the package must not be importable
     import numpy as np
     from transformers import pipeline
-    ckpt, audio_path, profile_path, child_profile_path, out_path = sys.argv[1:6]
+    ckpt, audio_path, profile_path, child_profile_path, out_path, resaved = sys.argv[1:7]
     pipe = pipeline("icl-speech-emotion", model=ckpt, trust_remote_code=True, device="cpu")
+    pipe.model.save_pretrained(resaved)  # a plain save from remote code keeps the pipeline too
+    pipe.processor.save_pretrained(resaved)
     audio = np.load(audio_path)
     enrollment = [(audio[2], "calm"), (audio[3], "fear")]
     SpeakerProfile = sys.modules[type(pipe).__module__].SpeakerProfile
@@ -200,17 +202,36 @@ _CHILD = textwrap.dedent(
 )
 
 
-def test_saved_checkpoint_runs_in_clean_process(tiny, pipe, clips, tmp_path, run_clean_process):
-    model, processor = tiny
-    ckpt = tmp_path / "ckpt"
-    save_with_pipeline(model, processor, ckpt)
+_CHECKPOINT_FILES = {"model.safetensors", "config.json", "processor_config.json", "pipeline_icl_ser.py",
+                     "modeling_icl_ser.py", "processing_icl_ser.py", "audio_utils.py", "configuration_icl_ser.py"}
+
+
+def _check_checkpoint_folder(ckpt, reference_custom_pipelines=None):
     files = set(os.listdir(ckpt))
-    assert {"model.safetensors", "config.json", "processor_config.json", "pipeline_icl_ser.py", "modeling_icl_ser.py",
-            "processing_icl_ser.py", "audio_utils.py", "configuration_icl_ser.py"} <= files
-    assert not any(f.endswith(".bin") for f in files)
+    assert _CHECKPOINT_FILES <= files, _CHECKPOINT_FILES - files
+    assert not any(f.endswith(".bin") or f.startswith(".tmp-") for f in files)
     config = json.loads((ckpt / "config.json").read_text())
     assert config["custom_pipelines"]["icl-speech-emotion"]["impl"] == "pipeline_icl_ser.IclSpeechEmotionPipeline"
     assert config["custom_pipelines"]["icl-speech-emotion"]["pt"] == ["AutoModel"]
+    if reference_custom_pipelines is not None:
+        assert config["custom_pipelines"] == reference_custom_pipelines
+    return config
+
+
+@pytest.mark.parametrize("save", ["save_with_pipeline", "plain_save_pretrained"])
+def test_saved_checkpoint_runs_in_clean_process(tiny, pipe, clips, tmp_path, run_clean_process, save):
+    model, processor = tiny
+    ckpt = tmp_path / "ckpt"
+    if save == "save_with_pipeline":
+        save_with_pipeline(model, processor, ckpt)
+        _check_checkpoint_folder(ckpt)
+    else:  # the plain transformers way writes the same pipeline entry as save_with_pipeline
+        model.save_pretrained(ckpt)
+        processor.save_pretrained(ckpt)
+        save_with_pipeline(model, processor, tmp_path / "reference")
+        reference = json.loads((tmp_path / "reference" / "config.json").read_text())["custom_pipelines"]
+        _check_checkpoint_folder(ckpt, reference)
+        assert (ckpt / "pipeline_icl_ser.py").read_bytes() == (tmp_path / "reference" / "pipeline_icl_ser.py").read_bytes()
     assert not hasattr(model.config, "custom_pipelines")  # only the folder with the code names it
 
     enrollment, queries = clips
@@ -219,8 +240,9 @@ def test_saved_checkpoint_runs_in_clean_process(tiny, pipe, clips, tmp_path, run
     pair = [(audio[2], "calm"), (audio[3], "fear")]
     pipe.enroll(pair, sampling_rate=SR).save(tmp_path / "parent.safetensors")
     result = run_clean_process(_CHILD, ckpt, tmp_path / "audio.npy", tmp_path / "parent.safetensors",
-                               tmp_path / "child.safetensors", tmp_path / "out.json")
+                               tmp_path / "child.safetensors", tmp_path / "out.json", tmp_path / "resaved")
     assert result.returncode == 0, result.stderr[-3000:]
+    _check_checkpoint_folder(tmp_path / "resaved", json.loads((ckpt / "config.json").read_text())["custom_pipelines"])
     out = json.loads((tmp_path / "out.json").read_text())
     assert not out["pipeline"].startswith("modeling_icl_ser") and not out["model"].startswith("modeling_icl_ser")
 

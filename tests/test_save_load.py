@@ -13,8 +13,9 @@ _CHILD = textwrap.dedent(
     sys.modules["modeling_icl_ser"] = None  # the package must not be importable
     import numpy as np, torch
     from transformers import AutoModel, AutoProcessor
-    ckpt, audio_path, out_path = sys.argv[1:4]
+    ckpt, audio_path, out_path, resaved = sys.argv[1:5]
     model = AutoModel.from_pretrained(ckpt, trust_remote_code=True).eval()
+    model.save_pretrained(resaved)  # the pipeline code is not loaded here: the copy must not name it
     processor = AutoProcessor.from_pretrained(ckpt, trust_remote_code=True)
     audio = np.load(audio_path)
     inputs = processor(query=[audio[0], audio[1]], enrollment=[[(audio[2], "calm")], []], sampling_rate=16000)
@@ -35,17 +36,22 @@ def test_round_trip_in_clean_subprocess(tiny, make_audio, tmp_path, run_clean_pr
     processor.save_pretrained(ckpt)
     files = set(os.listdir(ckpt))
     assert "model.safetensors" in files and not any(f.endswith(".bin") for f in files)
-    assert {"configuration_icl_ser.py", "modeling_icl_ser.py", "processing_icl_ser.py", "audio_utils.py"} <= files
+    assert {"configuration_icl_ser.py", "modeling_icl_ser.py", "processing_icl_ser.py", "audio_utils.py",
+            "pipeline_icl_ser.py"} <= files  # a plain save carries the pipeline too (tests/test_pipeline.py)
     config = json.loads((ckpt / "config.json").read_text())
     assert config["auto_map"]["AutoModel"] == "modeling_icl_ser.IclSerForConditionalGeneration"
+    assert "icl-speech-emotion" in config["custom_pipelines"]
     proc_config = json.loads((ckpt / "processor_config.json").read_text())
     assert proc_config["num_audio_tokens"] == processor.num_audio_tokens
     assert proc_config["labels"] == processor.labels
 
     audio = np.stack([make_audio(1.2, seed=1), make_audio(1.2, seed=2), make_audio(1.2, seed=3)])
     np.save(tmp_path / "audio.npy", audio)
-    result = run_clean_process(_CHILD, ckpt, tmp_path / "audio.npy", tmp_path / "out.json")
+    result = run_clean_process(_CHILD, ckpt, tmp_path / "audio.npy", tmp_path / "out.json", tmp_path / "resaved")
     assert result.returncode == 0, result.stderr[-3000:]
+    resaved = json.loads((tmp_path / "resaved" / "config.json").read_text())
+    assert "custom_pipelines" not in resaved and not (tmp_path / "resaved" / "pipeline_icl_ser.py").exists()
+    assert resaved["auto_map"] == config["auto_map"]
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["cls"] == "IclSerForConditionalGeneration"
     assert not out["module"].startswith("modeling_icl_ser")  # loaded from the copied remote code

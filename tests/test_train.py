@@ -70,6 +70,10 @@ def test_bad_arguments_fail_before_work(tmp_path):
         train.main([*FAST, "--audio_feature_layer", "0", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="audio_token_dropout"):
         train.main([*FAST, "--audio_token_dropout", "1", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="choose one of tiny.en, base"):
+        train.main([*FAST, "--offline_encoder", "large", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="drop it with --audio_encoder or --tiny"):
+        train.main([*FAST, "--offline_encoder", "base", "--output_dir", str(tmp_path)])  # FAST has --tiny
     assert not (tmp_path / "final").exists()
 
 
