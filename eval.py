@@ -70,7 +70,7 @@ class EvalArguments:
     audio_encoder: Optional[str] = field(default=None, metadata={"help": "Encoder for the baselines without --model (default: offline Whisper tiny.en)."})
     offline_encoder: Optional[str] = field(default=None, metadata={"help": "Offline Whisper for the baselines without --model/--audio_encoder: tiny.en (default) or base."})
     tiny: bool = field(default=False, metadata={"help": "Baselines on the tiny random model's encoder (tests)."})
-    audio_feature_layer: Optional[int] = field(default=None, metadata={"help": "Encoder block the baselines read without --model (1 = first; default: the last). With --model, the model's own setting is used."})
+    audio_feature_layer: Optional[int] = field(default=None, metadata={"help": "Encoder block the baselines read without --model (1 = the first, 0 = the last; default: train.py's default, 2). With --model, the model's own block is used."})
     # data
     corpus: str = field(default="synthetic", metadata={"help": "ravdess, cremad, emodb, iemocap, esd, ased, emotiontts-ko, manifest or synthetic; several comma-separated."})
     data_dir: Optional[str] = field(default=None, metadata={"help": "Corpus folder (or manifest), one per corpus, comma-separated; not needed for synthetic."})
@@ -131,8 +131,8 @@ class EvalArguments:
         if self.audio_feature_layer is not None and self.model:
             raise ValueError("--audio_feature_layer is for baselines without --model; with --model the baselines read "
                              "the model's own encoder block (its config's audio_feature_layer). Drop one of them.")
-        if self.audio_feature_layer is not None and self.audio_feature_layer < 1:
-            raise ValueError(f"--audio_feature_layer must be >= 1 (1 = the encoder's first block), got {self.audio_feature_layer}.")
+        if self.audio_feature_layer is not None and self.audio_feature_layer < 0:
+            raise ValueError(f"--audio_feature_layer must be >= 0 (1 = the encoder's first block, 0 = its last), got {self.audio_feature_layer}.")
         if self.offline_encoder is not None:
             from modeling_icl_ser.backbones import check_offline_encoder
 
@@ -309,18 +309,22 @@ def feature_model(args: EvalArguments, labels: list[str], loaded: dict[str, Any]
     if args.model:
         model, processor = loaded["icl"]
         return model, processor, f"encoder of --model {args.model}"
+    from modeling_icl_ser.backbones import DEFAULT_AUDIO_FEATURE_LAYER
+
+    # The block train.py reads by default, so default baselines and default models see the same features.
+    layer = DEFAULT_AUDIO_FEATURE_LAYER if args.audio_feature_layer is None else args.audio_feature_layer
+    block = "last block" if layer == 0 else f"block {layer}"
     if args.tiny:
         from modeling_icl_ser.testing import tiny_icl_ser
 
-        model, processor = tiny_icl_ser(labels=labels, seed=args.seed, audio_feature_layer=args.audio_feature_layer)
-        return model, processor, f"tiny random model (tiny_icl_ser(seed={args.seed}))"
+        model, processor = tiny_icl_ser(labels=labels, seed=args.seed, audio_feature_layer=layer or None)
+        return model, processor, f"tiny random model (tiny_icl_ser(seed={args.seed}), {block})"
     source = args.audio_encoder
     if source is None:  # only the encoder is needed: the LM package may be absent
         from modeling_icl_ser.backbones import DEFAULT_OFFLINE_ENCODER, offline_audio_encoder
 
         source = offline_audio_encoder(args.offline_encoder or DEFAULT_OFFLINE_ENCODER)
-    model, processor = encoder_only_model(source, labels, args.audio_feature_layer)
-    block = "last block" if args.audio_feature_layer is None else f"block {args.audio_feature_layer}"
+    model, processor = encoder_only_model(source, labels, layer or None)
     return model, processor, f"audio encoder {source} ({block})"
 
 

@@ -47,6 +47,7 @@ from dataset_builder.synthetic import default_cache_root
 from dataset_builder.virtual_speakers import add_virtual_speakers, real_speaker
 from dataset_builder.cli import parse_arguments as parse_script_arguments, parse_corpus_options
 from modeling_icl_ser import IclSerDataCollator, save_with_pipeline
+from modeling_icl_ser.backbones import DEFAULT_AUDIO_FEATURE_LAYER
 from modeling_icl_ser.episodic import EncodedUtterances, episode_example, native_bf16_available, predict_episodes
 from modeling_icl_ser.metrics import unweighted_accuracy
 
@@ -73,7 +74,7 @@ class TrainingArguments:
     language_model_layers: int = field(default=8, metadata={"help": "Keep the LM's first N pretrained blocks (cheaper, and best in docs/RESULTS.md); 0 = all."})
     num_audio_tokens: int = field(default=8, metadata={"help": "Speech tokens per utterance."})
     audio_pooling: str = field(default="mean_std", metadata={"help": "Projector pooling: mean or mean_std."})
-    audio_feature_layer: Optional[int] = field(default=None, metadata={"help": "Encoder block the projector reads (1 = first; default: the last)."})
+    audio_feature_layer: int = field(default=DEFAULT_AUDIO_FEATURE_LAYER, metadata={"help": "Encoder block the projector reads (1 = the first; 0 = the last). Early blocks keep speaker-specific cues (docs/RESULTS.md)."})
     enrollment_template: Optional[str] = field(default=None, metadata={"help": "Enrollment line with {audio} and {answer} (default: the config's)."})
     query_template: Optional[str] = field(default=None, metadata={"help": "Query line with {audio} (default: the config's)."})
     audio_token_dropout: float = field(default=0.0, metadata={"help": "Dropout on the pooled audio features while training."})
@@ -135,8 +136,8 @@ class TrainingArguments:
             raise ValueError(f"--lora_r must be >= 1, got {self.lora_r} (use --lm_lora false to freeze the LM).")
         if not 0.0 <= self.permuted_label_share <= 1.0:
             raise ValueError(f"--permuted_label_share must be between 0 and 1, got {self.permuted_label_share}.")
-        if self.audio_feature_layer is not None and self.audio_feature_layer < 1:
-            raise ValueError(f"--audio_feature_layer must be >= 1 (1 = the encoder's first block), got {self.audio_feature_layer}.")
+        if self.audio_feature_layer < 0:
+            raise ValueError(f"--audio_feature_layer must be >= 0 (1 = the encoder's first block, 0 = its last), got {self.audio_feature_layer}.")
         if not 0.0 <= self.audio_token_dropout < 1.0:
             raise ValueError(f"--audio_token_dropout must be in [0, 1), got {self.audio_token_dropout}.")
         if self.virtual_speakers < 0:
@@ -170,7 +171,7 @@ def build_model(args: TrainingArguments, labels: list[str]):
     )
     from modeling_icl_ser.testing import tiny_icl_ser
 
-    audio_settings = {"audio_pooling": args.audio_pooling, "audio_feature_layer": args.audio_feature_layer,
+    audio_settings = {"audio_pooling": args.audio_pooling, "audio_feature_layer": args.audio_feature_layer or None,
                       "audio_token_dropout": args.audio_token_dropout}
     audio_settings.update({name: getattr(args, name) for name in ("enrollment_template", "query_template")
                            if getattr(args, name) is not None})

@@ -191,7 +191,7 @@ def pooled_features(args: ProbeArguments, table, labels: list[str], used_ids: se
     from modeling_icl_ser.baselines import pool_features
     from modeling_icl_ser.episodic import EncodedUtterances
 
-    settings = eval_script.EvalArguments(tiny=args.tiny, audio_feature_layer=args.audio_feature_layer,
+    settings = eval_script.EvalArguments(tiny=args.tiny, audio_feature_layer=args.audio_feature_layer or 0,  # None: the last block
                                          seed=args.seed, feature_cache_dir=args.feature_cache_dir)
     model, processor, description = eval_script.feature_model(settings, labels, {})
     rows = [row for row in table if row["id"] in used_ids]  # test speakers are never encoded

@@ -653,6 +653,10 @@ OFFLINE_ENCODERS: dict[str, _OfflineEncoder] = {
     ),
 }
 DEFAULT_OFFLINE_ENCODER = "tiny.en"
+# The encoder block train.py and eval.py read by default (0 = the last block). Block 2 of
+# Whisper tiny.en's 4: best RAVDESS validation UA of the speech LM, and where enrollment helps
+# the conventional methods and cross-corpus transfer is best (docs/RESULTS.md).
+DEFAULT_AUDIO_FEATURE_LAYER = 2
 
 
 def check_offline_encoder(name: str) -> None:

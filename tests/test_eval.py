@@ -126,7 +126,7 @@ def test_baselines_read_the_chosen_encoder_block(tmp_path):
                        "--output_dir", str(tmp_path)])
     assert report["baseline_features"].startswith("tiny")
     with pytest.raises(ValueError, match="audio_feature_layer"):
-        run_eval([*FAST, "--tiny", "--methods", "si", "--audio_feature_layer", "0", "--output_dir", str(tmp_path / "x")])
+        run_eval([*FAST, "--tiny", "--methods", "si", "--audio_feature_layer", "-1", "--output_dir", str(tmp_path / "x")])
 
 
 def test_baselines_only_with_tiny_encoder(tmp_path):

@@ -67,7 +67,7 @@ def test_bad_arguments_fail_before_work(tmp_path):
     with pytest.raises(ValueError, match="permuted_label_share"):
         train.main([*FAST, "--permuted_label_share", "1.2", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="audio_feature_layer"):
-        train.main([*FAST, "--audio_feature_layer", "0", "--output_dir", str(tmp_path)])
+        train.main([*FAST, "--audio_feature_layer", "-1", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="audio_token_dropout"):
         train.main([*FAST, "--audio_token_dropout", "1", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="choose one of tiny.en, base"):
