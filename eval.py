@@ -672,6 +672,7 @@ def model_card(report: dict, args: EvalArguments) -> str:
         "audio_encoder": _card_field(existing, "Audio encoder") or report.get("baseline_features"),
         "language_model": _card_field(existing, "Language model"),
         "num_audio_tokens": _card_field(existing, "Speech tokens per utterance"),
+        "audio_feature_layer": _card_field(existing, "Encoder block read"),
         "labels": _card_field(existing, "Label vocabulary") or ", ".join(report["labels"]),
     }
     data = ModelCardData(

@@ -385,6 +385,8 @@ def export(model, processor, args: TrainingArguments, summary: dict, output_dir:
         audio_encoder=summary["backbones"],
         language_model=inner.config.text_config.model_type,
         num_audio_tokens=inner.config.num_audio_tokens,
+        audio_feature_layer=(f"block {inner.config.audio_feature_layer}" if inner.config.audio_feature_layer
+                             else "the last block"),
         labels=", ".join(processor.labels),
         training_summary=training_summary(args, summary),
     )

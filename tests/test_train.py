@@ -43,6 +43,7 @@ def test_few_steps_export_and_metrics(tmp_path):
     assert {"config.json", "model.safetensors", "processor_config.json", "README.md", "modeling_icl_ser.py"} <= files
     card = (final / "README.md").read_text()
     assert "synthetic" in card and "val_ua_k8" in card and "library_name: transformers" in card
+    assert "**Encoder block read:** block 2" in card  # train.py's default block
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert rows[0] == "step,loss,lr,val_ua_mean,val_ua_k0,val_ua_k4,val_ua_k8" and len(rows) == 4
     assert len(rows[2].split(",")) == 7 and rows[2].split(",")[4]  # step 2 was validated
