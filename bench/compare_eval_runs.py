@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from modeling_icl_ser.metrics import paired_ua_resamples, unweighted_accuracy
 
 
 def read_predictions(folder: str) -> dict[tuple[str, str, int], dict[str, tuple[str, str]]]:
@@ -32,11 +37,6 @@ def read_predictions(folder: str) -> dict[tuple[str, str, int], dict[str, tuple[
     return cells
 
 
-def unweighted_accuracy(truth: np.ndarray, prediction: np.ndarray) -> float:
-    """Mean per-class recall over the classes present in ``truth``."""
-    return float(np.mean([np.mean(prediction[truth == label] == label) for label in np.unique(truth)]))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_a")
@@ -48,20 +48,18 @@ def main() -> None:
     if sorted(a) != sorted(b):
         raise ValueError(f"The runs scored different cells: {sorted(set(a) ^ set(b))[:5]}.")
 
-    rng = np.random.default_rng(args.seed)
     boot = np.zeros(args.n_bootstrap)
     ua_a, ua_b = [], []
-    for cell in sorted(a):
+    for number, cell in enumerate(sorted(a)):
         ids = sorted(a[cell])
         if ids != sorted(b[cell]):
             raise ValueError(f"Cell {cell}: the runs scored different episodes; use the same split, seed and K.")
-        truth = np.array([a[cell][i][0] for i in ids])
-        pred_a, pred_b = (np.array([run[cell][i][1] for i in ids]) for run in (a, b))
-        ua_a.append(unweighted_accuracy(truth, pred_a))
-        ua_b.append(unweighted_accuracy(truth, pred_b))
-        for j in range(args.n_bootstrap):
-            idx = rng.integers(0, len(ids), len(ids))
-            boot[j] += unweighted_accuracy(truth[idx], pred_b[idx]) - unweighted_accuracy(truth[idx], pred_a[idx])
+        truth = [a[cell][i][0] for i in ids]
+        pred_a, pred_b = ([run[cell][i][1] for i in ids] for run in (a, b))
+        ua_a.append(unweighted_accuracy(pred_a, truth))
+        ua_b.append(unweighted_accuracy(pred_b, truth))
+        # Each cell resampled on its own stream; the resampled differences add up to the mean's.
+        boot += paired_ua_resamples(pred_a, pred_b, truth, args.n_bootstrap, seed=args.seed * 1000 + number)[1]
         print(f"{cell[0]:18s} {cell[1]} K={cell[2]}: {100 * ua_a[-1]:5.1f} -> {100 * ua_b[-1]:5.1f} "
               f"({100 * (ua_b[-1] - ua_a[-1]):+5.1f})")
     low, high = np.percentile(100 * boot / len(ua_a), [2.5, 97.5])

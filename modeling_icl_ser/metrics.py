@@ -83,6 +83,32 @@ def bootstrap_ci(
     }
 
 
+def paired_ua_resamples(
+    predictions_a: Sequence[str],
+    predictions_b: Sequence[str],
+    references: Sequence[str],
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> tuple[float, np.ndarray]:
+    """UA(b) - UA(a) on the same queries, and its value on each paired bootstrap resample.
+
+    Each resample draws one set of episode indices and scores both prediction lists on it, so
+    the spread reflects the difference between the two settings on shared queries (e.g. the
+    same queries with K = 8 and K = 0 enrollment), not the spread of either alone.
+    """
+    predictions_a, predictions_b, references = map(np.asarray, (predictions_a, predictions_b, references))
+    if not len(predictions_a) == len(predictions_b) == len(references) or len(references) == 0:
+        raise ValueError("Paired UA needs two non-empty prediction lists aligned with the same references.")
+    rng = np.random.default_rng(seed)
+    differences = np.empty(n_resamples)
+    for j in range(n_resamples):
+        index = rng.integers(0, len(references), len(references))
+        differences[j] = (_scores(predictions_b[index], references[index])["ua"]
+                          - _scores(predictions_a[index], references[index])["ua"])
+    difference = _scores(predictions_b, references)["ua"] - _scores(predictions_a, references)["ua"]
+    return float(difference), differences
+
+
 def paired_ua_difference(
     predictions_a: Sequence[str],
     predictions_b: Sequence[str],
@@ -91,25 +117,12 @@ def paired_ua_difference(
     confidence: float = 0.95,
     seed: int = 0,
 ) -> dict:
-    """UA(b) - UA(a) on the same queries, with a paired percentile bootstrap CI.
-
-    Each resample draws one set of episode indices and scores both prediction lists on it, so
-    the interval reflects the difference between the two settings on shared queries (e.g. the
-    same queries with K = 8 and K = 0 enrollment), not the spread of either alone.
-    """
-    predictions_a, predictions_b, references = map(np.asarray, (predictions_a, predictions_b, references))
-    if not len(predictions_a) == len(predictions_b) == len(references) or len(references) == 0:
-        raise ValueError("Paired UA needs two non-empty prediction lists aligned with the same references.")
-    rng = np.random.default_rng(seed)
-    differences = []
-    for _ in range(n_resamples):
-        index = rng.integers(0, len(references), len(references))
-        differences.append(_scores(predictions_b[index], references[index])["ua"]
-                           - _scores(predictions_a[index], references[index])["ua"])
+    """UA(b) - UA(a) on the same queries, with a paired percentile bootstrap CI
+    (:func:`paired_ua_resamples`)."""
+    difference, differences = paired_ua_resamples(predictions_a, predictions_b, references, n_resamples, seed)
     alpha = (1.0 - confidence) / 2
     low, high = np.quantile(differences, [alpha, 1.0 - alpha])
-    difference = _scores(predictions_b, references)["ua"] - _scores(predictions_a, references)["ua"]
-    return {"difference": float(difference), "ci": (float(low), float(high))}
+    return {"difference": difference, "ci": (float(low), float(high))}
 
 
 def per_speaker_ua(
