@@ -78,6 +78,7 @@ class TrainingArguments:
     enrollment_template: Optional[str] = field(default=None, metadata={"help": "Enrollment line with {audio} and {answer} (default: the config's)."})
     query_template: Optional[str] = field(default=None, metadata={"help": "Query line with {audio} (default: the config's)."})
     audio_token_dropout: float = field(default=0.0, metadata={"help": "Dropout on the pooled audio features while training."})
+    context_readout_heads: int = field(default=0, metadata={"help": "Heads of the enrollment read-out (query vs enrollment utterances → label embeddings on the query's audio tokens); 0 = none."})
     # what is trained
     encoder_mode: str = field(default="frozen", metadata={"help": "frozen (cached features), lora or full."})
     encoder_lora_layers: int = field(default=2, metadata={"help": "With encoder_mode=lora: adapt the top N encoder layers."})
@@ -140,6 +141,8 @@ class TrainingArguments:
             raise ValueError(f"--audio_feature_layer must be >= 0 (1 = the encoder's first block, 0 = its last), got {self.audio_feature_layer}.")
         if not 0.0 <= self.audio_token_dropout < 1.0:
             raise ValueError(f"--audio_token_dropout must be in [0, 1), got {self.audio_token_dropout}.")
+        if self.context_readout_heads < 0:
+            raise ValueError(f"--context_readout_heads must be >= 0 (0 = no enrollment read-out), got {self.context_readout_heads}.")
         if self.virtual_speakers < 0:
             raise ValueError(f"--virtual_speakers must be >= 0, got {self.virtual_speakers}.")
         if self.language_model_layers < 0:
@@ -172,7 +175,7 @@ def build_model(args: TrainingArguments, labels: list[str]):
     from modeling_icl_ser.testing import tiny_icl_ser
 
     audio_settings = {"audio_pooling": args.audio_pooling, "audio_feature_layer": args.audio_feature_layer or None,
-                      "audio_token_dropout": args.audio_token_dropout}
+                      "audio_token_dropout": args.audio_token_dropout, "context_readout_heads": args.context_readout_heads}
     audio_settings.update({name: getattr(args, name) for name in ("enrollment_template", "query_template")
                            if getattr(args, name) is not None})
     settings = {"num_audio_tokens": args.num_audio_tokens, "language_model_layers": args.language_model_layers or None,
@@ -207,14 +210,17 @@ def apply_adapters(model, args: TrainingArguments):
     if args.encoder_mode == "lora":
         top = "|".join(str(i) for i in range(max(0, n_encoder_layers - args.encoder_lora_layers), n_encoder_layers))
         patterns.append(rf"audio_tower\..*layers\.({top})\..*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)")
+    # The projector and the read-out are new: they always train in full.
+    trained_modules = ["projector"] + (["context_readout"] if base(model).context_readout is not None else [])
     if patterns:
         config = peft.LoraConfig(
             r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-            target_modules="|".join(f"(?:{p})" for p in patterns), modules_to_save=["projector"],
+            target_modules="|".join(f"(?:{p})" for p in patterns), modules_to_save=trained_modules,
         )
         model = peft.get_peft_model(model, config)
     else:
-        model.projector.requires_grad_(True)
+        for name in trained_modules:
+            getattr(model, name).requires_grad_(True)
     if args.encoder_mode == "full":
         base(model).audio_tower.requires_grad_(True)
     return model

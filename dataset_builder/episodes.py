@@ -222,11 +222,14 @@ class EpisodeSampler:
         k: Fixed K or inclusive range.
         mode: An enrollment mode (:data:`MODES`).
         seed: Random seed.
-        permuted_label_share: Share of episodes (0..1) whose label words are mapped through a
-            random permutation of the speaker's emotions, the same for the enrollment and the
-            query (marked ``"permuted": True``). In such an episode a memorized utterance ->
-            label answer is wrong and only reading the enrollment is right, which teaches the
-            model to use its context; the other episodes keep the true words (and the prior).
+        permuted_label_share: Share of the episodes whose enrollment holds the query's emotion
+            (the ones the context can answer) whose label words are mapped through a random
+            permutation of the speaker's emotions, the same for the enrollment and the query
+            (marked ``"permuted": True``). In such an episode a memorized utterance -> label
+            answer is wrong and only reading the enrollment is right, which teaches the model to
+            use its context; the other episodes keep the true words (and the prior). Episodes
+            the context cannot answer (K = 0, or no enrollment utterance of the query's emotion)
+            are never permuted: there the permuted word would be label noise.
 
     Speakers too small for the largest K are skipped with a warning.
 
@@ -275,7 +278,10 @@ class EpisodeSampler:
         if self.permuted_label_share:
             # Its own stream, so the episodes themselves match a sampler without permutation.
             permute_rng = np.random.default_rng([self.seed, _PERMUTATION_SALT, index])
-            if permute_rng.random() < self.permuted_label_share:
+            # Only where the context can answer: with K = 0, or no enrollment utterance of the
+            # query's emotion, permuted words would be label noise the model can only memorize.
+            solvable = episode["emotion"] in episode["enrollment_labels"]
+            if permute_rng.random() < self.permuted_label_share and solvable:
                 episode = permute_labels(episode, sorted(set(pool.emotions)), permute_rng)
         return episode
 

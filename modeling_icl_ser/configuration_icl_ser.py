@@ -55,6 +55,16 @@ class IclSerConfig(PretrainedConfig):
         audio_token_dropout: Dropout on the pooled audio features while training (a guard against
             memorizing training utterances); 0 disables it.
         projector_hidden_size: Hidden width of the projector MLP (default: the LM width).
+        context_readout_heads: Heads of the enrollment read-out ([`IclSerContextReadout`]): each
+            unlabelled (query) utterance attends over its sample's labelled (enrollment)
+            utterances, compared after removing the speaker's mean, and the attention-weighted
+            embeddings of their label words are added to its audio tokens. It gives the LM a
+            one-step route from "this query sounds like that enrollment utterance" to "that
+            label", which the LM alone does not learn (docs/RESULTS.md). 0 = no read-out.
+        context_readout_dim: Width of each read-out head's query/key space.
+        context_readout_loss_coef: Weight of the read-out's own loss (attention on the enrollment
+            utterances that share the query's label; `IclSerContextReadout.matching_loss`),
+            added to the LM loss in training; 0 = LM loss only.
         labels: Default emotion vocabulary (candidate labels when none are given).
         instruction_template: First prompt line; `{labels}` is replaced by the candidate labels
             joined by `label_separator`.
@@ -82,6 +92,9 @@ class IclSerConfig(PretrainedConfig):
     audio_feature_layer: int | None = None
     audio_token_dropout: float = 0.0
     projector_hidden_size: int | None = None
+    context_readout_heads: int = 0
+    context_readout_dim: int = 64
+    context_readout_loss_coef: float = 1.0
     labels: list[str] | None = None
     instruction_template: str = DEFAULT_INSTRUCTION
     enrollment_template: str = DEFAULT_ENROLLMENT
@@ -114,6 +127,9 @@ class IclSerConfig(PretrainedConfig):
                     f"audio_feature_layer must be between 1 and the encoder's {depth} blocks (or None for the "
                     f"last), got {self.audio_feature_layer}."
                 )
+        if int(self.context_readout_heads) < 0 or int(self.context_readout_dim) < 1:
+            raise ValueError(f"context_readout_heads must be >= 0 (0 = off) and context_readout_dim >= 1, got "
+                             f"{self.context_readout_heads} and {self.context_readout_dim}.")
         if not 0.0 <= float(self.audio_token_dropout) < 1.0:
             raise ValueError(f"audio_token_dropout must be in [0, 1), got {self.audio_token_dropout}.")
         audio_type = getattr(self.audio_config, "model_type", None)

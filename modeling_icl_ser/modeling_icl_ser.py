@@ -142,6 +142,79 @@ class IclSerProjector(nn.Module):
         return self.output_norm(self.linear_2(self.act(self.linear_1(pooled))))
 
 
+class IclSerContextReadout(nn.Module):
+    """The enrollment read-out: labels a query utterance by its likeness to the speaker's
+    labelled enrollment utterances, in the LM's own label-word embeddings.
+
+    Each utterance is one vector (mean and standard deviation of its encoder frames). The
+    speaker's mean enrollment vector is subtracted from the query's and the enrollment's (a
+    per-speaker normalization), then each of `context_readout_heads` heads scores the query
+    against every enrollment utterance and a learned "none" slot. The result is the
+    head-weighted mix of the enrollment labels' word embeddings (each label's answer tokens,
+    averaged) that the model adds to the query's audio tokens: the LM then needs one hop to say
+    the label (attend to the query, read the label word), instead of having to match the query
+    against enrollment lines and copy the word that follows the match (an induction circuit,
+    which LoRA meta-training did not learn; docs/RESULTS.md). Labels are read from the words,
+    so arbitrary (permuted, unseen) label words work as well as the trained ones.
+    """
+
+    def __init__(self, config: IclSerConfig):
+        super().__init__()
+        width = config.audio_config.hidden_size * 2  # mean and std
+        heads, dim = int(config.context_readout_heads), int(config.context_readout_dim)
+        self.heads, self.dim = heads, dim
+        self.norm = nn.LayerNorm(width)
+        self.query = nn.Linear(width, heads * dim, bias=False)
+        self.key = nn.Linear(width, heads * dim, bias=False)
+        self.none_score = nn.Parameter(torch.zeros(heads))
+        self.head_weight = nn.Parameter(torch.full((heads,), 1.0 / heads))
+
+    @property
+    def summary_width(self) -> int:
+        """Width of an utterance's summary vector (mean and std of its frames)."""
+        return self.norm.normalized_shape[0]
+
+    @staticmethod
+    def summarize(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(N, T, D) frames + (N, T) mask → (N, 2D) mean and std over each utterance's valid frames."""
+        valid = mask.bool()[..., None]
+        hidden = hidden.float().masked_fill(~valid, 0.0)
+        count = valid.sum(1).clamp_min(1)
+        mean = hidden.sum(1) / count
+        var = (hidden.square().sum(1) / count - mean.square()).clamp_min(0.0)
+        return torch.cat([mean, torch.sqrt(var + 1e-6)], dim=-1)
+
+    def forward(
+        self, queries: torch.Tensor, enrollment: torch.Tensor, label_embeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q, 2D) query summaries, (K >= 1, 2D) enrollment summaries and (K, W) their label
+        embeddings → (Q, W) read-out vectors and (Q, heads, K + 1) attention weights (the last
+        column is the "none" slot)."""
+        dtype = self.query.weight.dtype
+        center = enrollment.mean(0, keepdim=True)
+        q = self.query(self.norm((queries - center).to(dtype))).view(len(queries), self.heads, self.dim)
+        k = self.key(self.norm((enrollment - center).to(dtype))).view(len(enrollment), self.heads, self.dim)
+        scores = torch.einsum("qhd,khd->qhk", q, k) / self.dim**0.5
+        none = self.none_score.to(scores.dtype)[None, :, None].expand(len(queries), -1, 1)
+        weights = torch.cat([scores, none], dim=-1).softmax(-1)  # (Q, H, K + 1)
+        mixed = torch.einsum("qhk,h->qk", weights[..., :-1], self.head_weight.to(weights.dtype))
+        return mixed.to(label_embeds.dtype) @ label_embeds, weights
+
+    @staticmethod
+    def matching_loss(weights: torch.Tensor, matches: torch.Tensor) -> torch.Tensor:
+        """−log of the attention mass (mean over heads) on the enrollment utterances with the
+        query's label, or on "none" when no enrollment utterance has it: the read-out's own
+        training signal, beside the LM loss (the LM cannot use an uninformed read-out).
+
+        Args:
+            weights: `(Q, H, K + 1)` attention weights from `forward`.
+            matches: `(Q, K)` bool, enrollment utterance k has query q's label.
+        """
+        target = torch.cat([matches, ~matches.any(-1, keepdim=True)], dim=-1).to(weights.dtype)
+        mass = (weights.mean(1) * target).sum(-1)
+        return -torch.log(mass.float() + 1e-6).mean()
+
+
 class IclSerPreTrainedModel(PreTrainedModel):
     """Base class: config class, weight init and capability flags of icl-ser models."""
 
@@ -177,6 +250,7 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         else:
             self.audio_tower = AutoModel.from_config(config.audio_config)
         self.projector = IclSerProjector(config)
+        self.context_readout = IclSerContextReadout(config) if config.context_readout_heads else None
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
 
@@ -369,12 +443,19 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         feature_attention_mask: Optional[torch.Tensor],
         audio_hidden_states: Optional[torch.Tensor],
         audio_hidden_mask: Optional[torch.Tensor],
-    ) -> torch.Tensor:
+        audio_label_ids: Optional[torch.Tensor] = None,
+        enrollment_context: Optional[torch.Tensor] = None,
+        query_answers: Optional[list[list[int]]] = None,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Prompt embeddings with the audio tokens in place; the read-out's matching loss when
+        `query_answers` (each row's query answer ids, for training) are given; and each row's
+        read-out vector `(batch, W)` (None without a read-out), which also goes onto the text
+        after the row's last audio and must go onto anything appended to it (candidates)."""
         placeholders = self._check_placeholders(input_ids, self._count_audios(input_features, audio_hidden_states))
         # The placeholder id may lie outside the LM vocabulary: look up a valid id instead.
         embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
         if not placeholders.any():
-            return embeds
+            return embeds, None, None
         if input_features is not None:
             hidden, hidden_mask = self.get_audio_features(input_features, feature_attention_mask)
         else:
@@ -384,10 +465,143 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
                 hidden_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         if (hidden_mask.sum(-1) == 0).any():
             raise ValueError("An audio has no valid encoder frames; every utterance needs at least one frame.")
-        audio_tokens = self.projector(hidden.to(embeds.device), hidden_mask.to(embeds.device))
+        hidden, hidden_mask = hidden.to(embeds.device), hidden_mask.to(embeds.device)
+        audio_tokens = self.projector(hidden, hidden_mask)
         audio_tokens = audio_tokens * self._text_embedding_rms()
+        readout_loss = row_readout = None
+        if self.context_readout is not None:
+            readout, readout_loss = self._read_enrollment(
+                placeholders, hidden, hidden_mask, audio_label_ids, enrollment_context, query_answers
+            )
+            audio_tokens = audio_tokens + readout[:, None, :].to(audio_tokens.dtype)
+            # The query line's text after its audio (the position that predicts the answer, and
+            # the answer itself in training) carries the read-out too: there the tied LM head
+            # sees the label word's embedding directly, a route the LM needs no training for.
+            per_row = placeholders.sum(-1)
+            last_audio = per_row.cumsum(0) // self.config.num_audio_tokens - 1
+            row_readout = readout[last_audio.clamp_min(0)] * (per_row > 0)[:, None]
+            seen = placeholders.long().cumsum(-1)
+            after = (seen == placeholders.sum(-1, keepdim=True)) & ~placeholders
+            embeds = embeds + after[..., None].to(embeds.dtype) * row_readout[:, None, :].to(embeds.dtype)
         # Row-major order of the placeholders = sample after sample, audio after audio.
-        return embeds.masked_scatter(placeholders[..., None], audio_tokens.to(embeds.dtype))
+        embeds = embeds.masked_scatter(placeholders[..., None], audio_tokens.to(embeds.dtype))
+        return embeds, readout_loss, row_readout
+
+    # ----------------------------------------------------------------- enrollment read-out
+    def _label_embeddings(self, audio_label_ids: torch.Tensor) -> torch.Tensor:
+        """(N, L) label token ids (-100 = none) → (N, W) mean token embedding (0 for unlabelled)."""
+        valid = audio_label_ids != -100
+        embeds = self.get_input_embeddings()(audio_label_ids.masked_fill(~valid, 0))
+        weights = valid.to(embeds.dtype)[..., None]
+        return (embeds * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+    def _check_audio_labels(self, audio_label_ids: Optional[torch.Tensor], n_audio: int) -> None:
+        if audio_label_ids is not None and (audio_label_ids.ndim != 2 or audio_label_ids.shape[0] != n_audio):
+            raise ValueError(
+                f"audio_label_ids must be (n_audio, L) with one row per audio ({n_audio}), got "
+                f"{tuple(audio_label_ids.shape)}. Build inputs with IclSerProcessor."
+            )
+
+    def enrollment_context(
+        self,
+        audio_label_ids: torch.Tensor,
+        input_features: Optional[torch.Tensor] = None,
+        feature_attention_mask: Optional[torch.Tensor] = None,
+        audio_hidden_states: Optional[torch.Tensor] = None,
+        audio_hidden_mask: Optional[torch.Tensor] = None,
+    ) -> Optional[torch.Tensor]:
+        """What the enrollment read-out needs of a speaker's K labelled utterances, computed once.
+
+        Returns `(K, summary_width + LM width)`: each utterance's summary vector and its label's
+        embedding, side by side (`None` for a model without a read-out). Pass it, expanded to
+        `(batch, K, ...)`, as `enrollment_context=` to `forward`/`classify` with prompts whose
+        enrollment lines come from a cached prefix (the pipeline's speaker profiles).
+        """
+        if self.context_readout is None:
+            return None
+        if input_features is not None:
+            hidden, mask = self.get_audio_features(input_features, feature_attention_mask)
+        elif audio_hidden_states is not None:
+            hidden = audio_hidden_states
+            mask = audio_hidden_mask if audio_hidden_mask is not None else torch.ones(hidden.shape[:2], dtype=torch.bool)
+        else:
+            raise ValueError("enrollment_context needs the enrollment audio: input_features or audio_hidden_states.")
+        self._check_audio_labels(audio_label_ids, hidden.shape[0])
+        if bool((audio_label_ids == -100).all(-1).any()):
+            raise ValueError("Every enrollment utterance needs its label's token ids in audio_label_ids.")
+        summaries = self.context_readout.summarize(hidden, mask.to(hidden.device))
+        labels = self._label_embeddings(audio_label_ids.to(hidden.device)).float()
+        return torch.cat([summaries, labels], dim=-1)
+
+    def _read_enrollment(
+        self,
+        placeholders: torch.Tensor,
+        hidden: torch.Tensor,
+        hidden_mask: torch.Tensor,
+        audio_label_ids: Optional[torch.Tensor],
+        enrollment_context: Optional[torch.Tensor],
+        query_answers: Optional[list[list[int]]] = None,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(N, W) read-out vector per audio: zero for labelled (enrollment) audios and for queries
+        without enrollment; for each unlabelled audio, the read-out over its sample's labelled
+        audios (and `enrollment_context`'s, which come first). With `query_answers` (row i's
+        query answer ids), also the mean matching loss over the rows' last unlabelled audios."""
+        n_audio = hidden.shape[0]
+        self._check_audio_labels(audio_label_ids, n_audio)
+        width = self.get_input_embeddings().weight.shape[-1]
+        out = torch.zeros(n_audio, width, device=hidden.device, dtype=torch.float32)
+        if audio_label_ids is None and enrollment_context is None:
+            return out, None
+        summaries = self.context_readout.summarize(hidden, hidden_mask)
+        if audio_label_ids is None:
+            labelled = torch.zeros(n_audio, dtype=torch.bool, device=hidden.device)
+            label_embeds = out
+        else:
+            audio_label_ids = audio_label_ids.to(hidden.device)
+            labelled = (audio_label_ids != -100).any(-1)
+            label_embeds = self._label_embeddings(audio_label_ids).float()
+        per_row = (placeholders.sum(-1) // self.config.num_audio_tokens).tolist()
+        if enrollment_context is not None and enrollment_context.shape[0] != len(per_row):
+            raise ValueError(f"enrollment_context has {enrollment_context.shape[0]} rows for a batch of {len(per_row)}.")
+        split = self.context_readout.summary_width
+        rows, reads, losses, start = [], [], [], 0
+        for row, count in enumerate(per_row):
+            index = torch.arange(start, start + count, device=hidden.device)
+            start += count
+            enrolled, queries = index[labelled[index]], index[~labelled[index]]
+            memory_summaries, memory_labels = summaries[enrolled], label_embeds[enrolled]
+            if enrollment_context is not None:
+                context = enrollment_context[row].to(hidden.device).float()
+                memory_summaries = torch.cat([context[:, :split], memory_summaries])
+                memory_labels = torch.cat([context[:, split:], memory_labels])
+            if len(queries) and len(memory_summaries):
+                read, weights = self.context_readout(summaries[queries], memory_summaries, memory_labels)
+                rows.append(queries)
+                reads.append(read.float())
+                if query_answers is not None and enrollment_context is None:
+                    answer = query_answers[row]
+                    matches = torch.tensor([[[i for i in ids if i != -100] == answer
+                                             for ids in audio_label_ids[enrolled].tolist()]],
+                                           dtype=torch.bool, device=hidden.device)
+                    losses.append(self.context_readout.matching_loss(weights[-1:], matches))
+        if rows:
+            out = out.index_copy(0, torch.cat(rows), torch.cat(reads))
+        loss = torch.stack(losses).mean() if losses else None
+        return out, loss
+
+    @staticmethod
+    def _query_answers(labels: torch.Tensor) -> list[list[int]]:
+        """Each row's last run of target tokens (its query's answer) from training `labels`."""
+        answers = []
+        for row in labels.tolist():
+            end = len(row)
+            while end and row[end - 1] == -100:
+                end -= 1
+            start = end
+            while start and row[start - 1] != -100:
+                start -= 1
+            answers.append(row[start:end])
+        return answers
 
     @torch.no_grad()
     def _text_embedding_rms(self) -> torch.Tensor:
@@ -421,6 +635,8 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         feature_attention_mask: Optional[torch.Tensor] = None,
         audio_hidden_states: Optional[torch.Tensor] = None,
         audio_hidden_mask: Optional[torch.Tensor] = None,
+        audio_label_ids: Optional[torch.LongTensor] = None,
+        enrollment_context: Optional[torch.Tensor] = None,
         labels: Optional[torch.LongTensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
         cache: Optional[Cache] = None,
@@ -440,9 +656,15 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
                 sample (enrollment audios, then the query); see `get_audio_features`.
             audio_hidden_states / audio_hidden_mask: cached encoder outputs `(n_audio, T, D)` and
                 `(n_audio, T)`, used instead of `input_features` (frozen-encoder training).
-            labels: `(batch, seq)` targets, -100 except on answer tokens → shifted LM loss. The
-                returned logits then cover only the columns that predict a target token in
-                some row, in order (the loss needs no others).
+            audio_label_ids: `(n_audio, L)` token ids of each audio's label answer, -100 padded;
+                a row of -100 marks an unlabelled audio (the query). The enrollment read-out
+                (`config.context_readout_heads`) uses them; other models ignore them.
+            enrollment_context: `(batch, K, ...)` from `enrollment_context()`: enrollment
+                utterances whose lines are in a cached prefix, read before the prompt's own.
+            labels: `(batch, seq)` targets, -100 except on answer tokens → shifted LM loss (plus
+                `context_readout_loss_coef` × the read-out's matching loss, the query's answer
+                being each row's last target run). The returned logits then cover only the
+                columns that predict a target token in some row, in order (the loss needs no others).
             position_ids: Defaults to positions counted from `attention_mask`.
             cache: Key/value cache (`past_key_values` is accepted as its old name).
             candidate_input_ids / candidate_attention_mask: Accepted and ignored, so one
@@ -455,27 +677,37 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("Pass input_ids (or inputs_embeds).")
-            inputs_embeds = self._embed_with_audio(
-                input_ids, input_features, feature_attention_mask, audio_hidden_states, audio_hidden_mask
+            answers = None
+            if labels is not None and self.context_readout is not None and self.config.context_readout_loss_coef:
+                answers = self._query_answers(labels)
+            inputs_embeds, readout_loss, _ = self._embed_with_audio(
+                input_ids, input_features, feature_attention_mask, audio_hidden_states, audio_hidden_mask,
+                audio_label_ids, enrollment_context, answers,
             )
         elif input_features is not None or audio_hidden_states is not None:
             raise ValueError("Audio inputs need input_ids (to find the placeholders), not inputs_embeds.")
+        else:
+            readout_loss = None
         if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
             position_ids = self._positions_from_mask(attention_mask, inputs_embeds.shape[1])
         if labels is not None and isinstance(logits_to_keep, int) and logits_to_keep == 0:
             # The LM head is vocabulary-sized (a fifth of a small LM's compute, more for a cut
             # one): run it only at the positions that predict a target token.
-            return self._loss_at_targets(inputs_embeds, attention_mask, position_ids, cache, use_cache, labels, kwargs)
-        return self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=use_cache,
-            labels=labels,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
+            outputs = self._loss_at_targets(inputs_embeds, attention_mask, position_ids, cache, use_cache, labels, kwargs)
+        else:
+            outputs = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                labels=labels,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
+        if readout_loss is not None and outputs.loss is not None:
+            outputs.loss = outputs.loss + self.config.context_readout_loss_coef * readout_loss.to(outputs.loss.dtype)
+        return outputs
 
     def _loss_at_targets(self, inputs_embeds, attention_mask, position_ids, cache, use_cache, labels, kwargs):
         """Shifted LM loss with logits only at the columns that predict a target in some row.
@@ -516,6 +748,8 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         feature_attention_mask: Optional[torch.Tensor] = None,
         audio_hidden_states: Optional[torch.Tensor] = None,
         audio_hidden_mask: Optional[torch.Tensor] = None,
+        audio_label_ids: Optional[torch.Tensor] = None,
+        enrollment_context: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         cache: Optional[Cache] = None,
         **unused,
@@ -539,6 +773,7 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
                 instruction and enrollment lines); `input_ids` then hold only the rest of the prompt
                 and `attention_mask` covers `prefix + input_ids`. The cache is extended in place
                 (pass a fresh one per call). Scores equal those of the whole prompt in one pass.
+                With an enrollment read-out, pass the prefix's `enrollment_context` too.
 
         Returns:
             `(batch, n_labels)` probabilities (rows sum to 1), in the candidates' order.
@@ -569,9 +804,13 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         cand_ids = cands.masked_fill(cand_mask == 0, 0).reshape(batch, -1)[:, kept]  # pads: any valid id
         cand_of, token_of = kept // cand_len, kept % cand_len
 
-        embeds = self._embed_with_audio(input_ids, input_features, feature_attention_mask,
-                                        audio_hidden_states, audio_hidden_mask)
-        embeds = torch.cat([embeds, self.get_input_embeddings()(cand_ids)], dim=1)
+        embeds, _, row_readout = self._embed_with_audio(
+            input_ids, input_features, feature_attention_mask, audio_hidden_states, audio_hidden_mask,
+            audio_label_ids, enrollment_context)
+        candidate_embeds = self.get_input_embeddings()(cand_ids)
+        if row_readout is not None:  # as on the answer tokens in training
+            candidate_embeds = candidate_embeds + row_readout[:, None, :].to(candidate_embeds.dtype)
+        embeds = torch.cat([embeds, candidate_embeds], dim=1)
         mask, positions = self._candidate_tree(attention_mask, prompt_len, cand_of, token_of, attention, embeds.dtype)
 
         # Logits only where they predict a candidate token: the prompt's end predicts token 0 of
@@ -650,9 +889,10 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         kwargs.pop("candidate_input_ids", None)
         kwargs.pop("candidate_attention_mask", None)
         if not is_first_iteration and kwargs.get("use_cache", True):
-            for key in ("input_features", "feature_attention_mask", "audio_hidden_states", "audio_hidden_mask"):
+            for key in ("input_features", "feature_attention_mask", "audio_hidden_states", "audio_hidden_mask",
+                        "audio_label_ids", "enrollment_context"):
                 kwargs.pop(key, None)
         return super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
 
 
-__all__ = ["IclSerPreTrainedModel", "IclSerForConditionalGeneration", "IclSerProjector"]
+__all__ = ["IclSerPreTrainedModel", "IclSerForConditionalGeneration", "IclSerProjector", "IclSerContextReadout"]

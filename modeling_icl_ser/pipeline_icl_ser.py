@@ -55,6 +55,8 @@ class SpeakerProfile:
         prefix_ids: Token ids of the prefix (instruction + enrollment lines).
         model_fingerprint: `model.fingerprint()` of the checkpoint that made it.
         keys, values: Per LM layer, `(1, kv_heads, prefix_len, head_dim)` cached states.
+        enrollment_context: `(K, ...)` what the model's enrollment read-out keeps of the
+            enrollment (`model.enrollment_context`); None for a model without one.
     """
 
     labels: list[str]
@@ -63,6 +65,7 @@ class SpeakerProfile:
     model_fingerprint: str
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    enrollment_context: Optional[torch.Tensor] = None
 
     @property
     def num_enrollment(self) -> int:
@@ -87,6 +90,8 @@ class SpeakerProfile:
         for i, (k, v) in enumerate(zip(self.keys, self.values)):
             tensors[f"keys.{i}"] = k.detach().to("cpu").contiguous()
             tensors[f"values.{i}"] = v.detach().to("cpu").contiguous()
+        if self.enrollment_context is not None:
+            tensors["enrollment_context"] = self.enrollment_context.detach().to("cpu").contiguous()
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         # Temp file in the same folder, then os.replace: readers never see a half-written profile.
@@ -116,11 +121,12 @@ class SpeakerProfile:
             raise ValueError(f"{path!r} is not an icl-ser speaker profile (format {metadata.get('format')!r}, "
                              f"expected {PROFILE_FORMAT!r}).")
         meta = json.loads(metadata["profile"])
-        n_layers = len(tensors) // 2
+        n_layers = sum(name.startswith("keys.") for name in tensors)
         return cls(labels=list(meta["labels"]), enrollment_labels=list(meta["enrollment_labels"]),
                    prefix_ids=[int(i) for i in meta["prefix_ids"]], model_fingerprint=meta["model_fingerprint"],
                    keys=[tensors[f"keys.{i}"] for i in range(n_layers)],
-                   values=[tensors[f"values.{i}"] for i in range(n_layers)])
+                   values=[tensors[f"values.{i}"] for i in range(n_layers)],
+                   enrollment_context=tensors.get("enrollment_context"))
 
 
 @dataclass
@@ -268,9 +274,17 @@ class IclSpeechEmotionPipeline(Pipeline):
         enrollment_labels = [label for _, label in context.enrollment]
         prefix = proc.prefix_ids(enrollment_labels, context.labels)
         inputs = {"input_ids": torch.tensor([prefix]), "attention_mask": torch.ones(1, len(prefix), dtype=torch.long)}
-        if context.enrollment:
-            inputs.update({k: torch.from_numpy(v) for k, v in proc.audio_inputs([a for a, _ in context.enrollment]).items()})
+        enrollment_context = None
         with self.device_placement(), torch.no_grad():
+            if context.enrollment:  # encoded once, for the prefix's cache and the read-out's memory
+                audio = self._ensure_tensor_on_device(
+                    {k: torch.from_numpy(v) for k, v in proc.audio_inputs([a for a, _ in context.enrollment]).items()},
+                    self.device)
+                hidden, mask = self.model.get_audio_features(audio["input_features"], audio["feature_attention_mask"])
+                inputs.update(audio_hidden_states=hidden, audio_hidden_mask=mask)
+                label_ids = torch.from_numpy(proc.audio_label_ids([enrollment_labels])[:-1]).to(hidden.device)
+                enrollment_context = self.model.enrollment_context(
+                    label_ids, audio_hidden_states=hidden, audio_hidden_mask=mask)
             out = self.model(**self._ensure_tensor_on_device(inputs, self.device), use_cache=True, logits_to_keep=1)
         cache = out.cache
         layers = getattr(cache, "layers", None)
@@ -281,7 +295,8 @@ class IclSpeechEmotionPipeline(Pipeline):
                              f"uses {kinds}. Call the pipeline with enrollment= instead.")
         return SpeakerProfile(labels=list(context.labels), enrollment_labels=enrollment_labels, prefix_ids=prefix,
                               model_fingerprint=self.model_fingerprint,
-                              keys=[layer.keys for layer in layers], values=[layer.values for layer in layers])
+                              keys=[layer.keys for layer in layers], values=[layer.values for layer in layers],
+                              enrollment_context=enrollment_context)
 
     # ------------------------------------------------------------------------ run
     def __call__(self, inputs, **kwargs):
@@ -327,6 +342,8 @@ class IclSpeechEmotionPipeline(Pipeline):
         inputs["input_ids"] = torch.tensor([query] * len(audios))
         inputs["attention_mask"] = torch.ones(len(audios), len(profile.prefix_ids) + len(query), dtype=torch.long)
         inputs = self._ensure_tensor_on_device(inputs, self.device)
+        if profile.enrollment_context is not None:
+            inputs["enrollment_context"] = profile.enrollment_context.to(self.device)[None].expand(len(audios), -1, -1)
         probs = self.model.classify(**inputs, cache=profile.cache(len(audios), self.device))
         return {"probs": probs.float()}
 

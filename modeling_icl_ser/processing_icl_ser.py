@@ -113,7 +113,7 @@ class IclSerProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", "input_features", "feature_attention_mask",
+        return ["input_ids", "attention_mask", "input_features", "feature_attention_mask", "audio_label_ids",
                 "candidate_input_ids", "candidate_attention_mask"]
 
     # ---------------------------------------------------------------------------- __call__
@@ -148,7 +148,8 @@ class IclSerProcessor(ProcessorMixin):
 
         Returns:
             `BatchFeature` with `input_ids`, `attention_mask` (left-padded), `input_features`,
-            `feature_attention_mask`, `candidate_input_ids`, `candidate_attention_mask` and, with
+            `feature_attention_mask`, `audio_label_ids` (each audio's label tokens; see
+            `audio_label_ids`), `candidate_input_ids`, `candidate_attention_mask` and, with
             `answer`, `labels`.
 
         Raises:
@@ -349,7 +350,17 @@ class IclSerProcessor(ProcessorMixin):
             if any(answer is None for answer in answers):
                 raise ValueError("Give an answer for every sample of a training batch, or for none.")
             out["labels"] = np.array([[-100] * (width - len(t)) + t for t in targets], dtype=np.int64)
+        out["audio_label_ids"] = self.audio_label_ids(enrollment_labels)
         return {**out, **self.candidate_inputs(candidates)}
+
+    def audio_label_ids(self, enrollment_labels: list[list[str]]) -> np.ndarray:
+        """`(n_audio, L)` answer ids of each audio's label in audio order (sample after sample:
+        its enrollment, then its query), -100 padded; the query's row is all -100 (unlabelled)."""
+        rows = []
+        for labels_i in enrollment_labels:
+            rows += [self.answer_ids(label) for label in labels_i] + [[]]
+        width = max(1, max(len(row) for row in rows))
+        return np.array([row + [-100] * (width - len(row)) for row in rows], dtype=np.int64)
 
     def candidate_inputs(self, candidates: list[str]) -> dict[str, np.ndarray]:
         """Right-padded answer ids of the candidate labels (`candidate_input_ids`/`_attention_mask`)."""
