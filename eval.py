@@ -673,6 +673,7 @@ def model_card(report: dict, args: EvalArguments) -> str:
         "language_model": _card_field(existing, "Language model"),
         "num_audio_tokens": _card_field(existing, "Speech tokens per utterance"),
         "audio_feature_layer": _card_field(existing, "Encoder block read"),
+        "context_readout": _card_field(existing, "Enrollment read-out"),
         "labels": _card_field(existing, "Label vocabulary") or ", ".join(report["labels"]),
     }
     data = ModelCardData(

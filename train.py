@@ -78,7 +78,7 @@ class TrainingArguments:
     enrollment_template: Optional[str] = field(default=None, metadata={"help": "Enrollment line with {audio} and {answer} (default: the config's)."})
     query_template: Optional[str] = field(default=None, metadata={"help": "Query line with {audio} (default: the config's)."})
     audio_token_dropout: float = field(default=0.0, metadata={"help": "Dropout on the pooled audio features while training."})
-    context_readout_heads: int = field(default=0, metadata={"help": "Heads of the enrollment read-out (query vs enrollment utterances → label embeddings on the query's audio tokens); 0 = none."})
+    context_readout_heads: int = field(default=4, metadata={"help": "Heads of the enrollment read-out (query vs enrollment utterances → their label words on the query's tokens and the LM's output; docs/RESULTS.md); 0 = none."})
     # what is trained
     encoder_mode: str = field(default="frozen", metadata={"help": "frozen (cached features), lora or full."})
     encoder_lora_layers: int = field(default=2, metadata={"help": "With encoder_mode=lora: adapt the top N encoder layers."})
@@ -91,7 +91,7 @@ class TrainingArguments:
     k_min: int = field(default=0, metadata={"help": "Smallest K drawn for a training episode."})
     k_max: int = field(default=8, metadata={"help": "Largest K drawn for a training episode."})
     enrollment_mode: str = field(default="arbitrary", metadata={"help": "arbitrary, balanced or exclude_query_class."})
-    permuted_label_share: float = field(default=0.0, metadata={"help": "Share of training episodes whose label words are permuted (same for enrollment and query)."})
+    permuted_label_share: float = field(default=0.0, metadata={"help": "Share of the training episodes the context can answer (enrollment holds the query's emotion) whose label words are permuted (same for enrollment and query)."})
     virtual_speakers: int = field(default=4, metadata={"help": "Virtual speakers per training speaker (one voice transform each; 0 = none)."})
     loss_on_enrollment_labels: bool = field(default=True, metadata={"help": "Also train on the enrollment labels' tokens (K+1 answers per episode)."})
     # optimisation
@@ -393,6 +393,9 @@ def export(model, processor, args: TrainingArguments, summary: dict, output_dir:
         num_audio_tokens=inner.config.num_audio_tokens,
         audio_feature_layer=(f"block {inner.config.audio_feature_layer}" if inner.config.audio_feature_layer
                              else "the last block"),
+        context_readout=(f"{inner.config.context_readout_heads} heads (IclSerContextReadout: the query's likeness to each "
+                         "enrollment utterance, their label words' embeddings on its tokens and on the LM's output)"
+                         if inner.config.context_readout_heads else "none"),
         labels=", ".join(processor.labels),
         training_summary=training_summary(args, summary),
     )

@@ -5,6 +5,7 @@ Transformers model-file idiom with relative imports only, so that a saved checkp
 ``trust_remote_code=True`` where this package is not installed.
 """
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -168,6 +169,8 @@ class IclSerContextReadout(nn.Module):
         self.key = nn.Linear(width, heads * dim, bias=False)
         self.none_score = nn.Parameter(torch.zeros(heads))
         self.head_weight = nn.Parameter(torch.full((heads,), 1.0 / heads))
+        # Scale of the read-out added to the LM's final hidden states (the copy route).
+        self.output_gain = nn.Parameter(torch.tensor(1.0))
 
     @property
     def summary_width(self) -> int:
@@ -446,16 +449,17 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         audio_label_ids: Optional[torch.Tensor] = None,
         enrollment_context: Optional[torch.Tensor] = None,
         query_answers: Optional[list[list[int]]] = None,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Prompt embeddings with the audio tokens in place; the read-out's matching loss when
-        `query_answers` (each row's query answer ids, for training) are given; and each row's
-        read-out vector `(batch, W)` (None without a read-out), which also goes onto the text
-        after the row's last audio and must go onto anything appended to it (candidates)."""
+        `query_answers` (each row's query answer ids, for training) are given; each row's
+        read-out vector `(batch, W)`; and the `(batch, seq)` positions after the row's last audio
+        (the query line's text), which carry it. The last two are None without a read-out;
+        anything appended to the prompt (candidates) belongs to those positions too."""
         placeholders = self._check_placeholders(input_ids, self._count_audios(input_features, audio_hidden_states))
         # The placeholder id may lie outside the LM vocabulary: look up a valid id instead.
         embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
         if not placeholders.any():
-            return embeds, None, None
+            return embeds, None, None, None
         if input_features is not None:
             hidden, hidden_mask = self.get_audio_features(input_features, feature_attention_mask)
         else:
@@ -468,7 +472,7 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         hidden, hidden_mask = hidden.to(embeds.device), hidden_mask.to(embeds.device)
         audio_tokens = self.projector(hidden, hidden_mask)
         audio_tokens = audio_tokens * self._text_embedding_rms()
-        readout_loss = row_readout = None
+        readout_loss = row_readout = after = None
         if self.context_readout is not None:
             readout, readout_loss = self._read_enrollment(
                 placeholders, hidden, hidden_mask, audio_label_ids, enrollment_context, query_answers
@@ -485,7 +489,31 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
             embeds = embeds + after[..., None].to(embeds.dtype) * row_readout[:, None, :].to(embeds.dtype)
         # Row-major order of the placeholders = sample after sample, audio after audio.
         embeds = embeds.masked_scatter(placeholders[..., None], audio_tokens.to(embeds.dtype))
-        return embeds, readout_loss, row_readout
+        return embeds, readout_loss, row_readout, after
+
+    @contextlib.contextmanager
+    def _readout_on_output(self, positions: Optional[torch.Tensor], row_readout: Optional[torch.Tensor]):
+        """While active, the LM's final norm output gets `output_gain` × each row's read-out
+        (brought to unit RMS) at `positions` `(batch, seq)`: with tied embeddings that raises
+        the logits of the enrollment label words the read-out points at, whatever the LM's
+        blocks did with it (a copy route, as in pointer-generator models). No-op without a
+        read-out or for an LM without a final `norm`."""
+        norm = getattr(self.language_model.get_decoder(), "norm", None)
+        if row_readout is None or norm is None:
+            yield
+            return
+        delta = self.context_readout.output_gain * row_readout.float() / self._text_embedding_rms()
+
+        def add(module, args, output):
+            if output.shape[:2] != positions.shape:
+                raise RuntimeError(f"read-out positions {tuple(positions.shape)} do not match the LM's {tuple(output.shape[:2])}.")
+            return output + positions[..., None].to(output.dtype) * delta[:, None, :].to(output.dtype)
+
+        handle = norm.register_forward_hook(add)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     # ----------------------------------------------------------------- enrollment read-out
     def _label_embeddings(self, audio_label_ids: torch.Tensor) -> torch.Tensor:
@@ -680,31 +708,33 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
             answers = None
             if labels is not None and self.context_readout is not None and self.config.context_readout_loss_coef:
                 answers = self._query_answers(labels)
-            inputs_embeds, readout_loss, _ = self._embed_with_audio(
+            inputs_embeds, readout_loss, row_readout, readout_positions = self._embed_with_audio(
                 input_ids, input_features, feature_attention_mask, audio_hidden_states, audio_hidden_mask,
                 audio_label_ids, enrollment_context, answers,
             )
         elif input_features is not None or audio_hidden_states is not None:
             raise ValueError("Audio inputs need input_ids (to find the placeholders), not inputs_embeds.")
         else:
-            readout_loss = None
+            readout_loss = row_readout = readout_positions = None
         if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
             position_ids = self._positions_from_mask(attention_mask, inputs_embeds.shape[1])
         if labels is not None and isinstance(logits_to_keep, int) and logits_to_keep == 0:
             # The LM head is vocabulary-sized (a fifth of a small LM's compute, more for a cut
             # one): run it only at the positions that predict a target token.
-            outputs = self._loss_at_targets(inputs_embeds, attention_mask, position_ids, cache, use_cache, labels, kwargs)
+            with self._readout_on_output(readout_positions, row_readout):
+                outputs = self._loss_at_targets(inputs_embeds, attention_mask, position_ids, cache, use_cache, labels, kwargs)
         else:
-            outputs = self.language_model(
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=use_cache,
-                labels=labels,
-                logits_to_keep=logits_to_keep,
-                **kwargs,
-            )
+            with self._readout_on_output(readout_positions, row_readout):
+                outputs = self.language_model(
+                    inputs_embeds=inputs_embeds,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    cache=cache,
+                    use_cache=use_cache,
+                    labels=labels,
+                    logits_to_keep=logits_to_keep,
+                    **kwargs,
+                )
         if readout_loss is not None and outputs.loss is not None:
             outputs.loss = outputs.loss + self.config.context_readout_loss_coef * readout_loss.to(outputs.loss.dtype)
         return outputs
@@ -804,12 +834,13 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         cand_ids = cands.masked_fill(cand_mask == 0, 0).reshape(batch, -1)[:, kept]  # pads: any valid id
         cand_of, token_of = kept // cand_len, kept % cand_len
 
-        embeds, _, row_readout = self._embed_with_audio(
+        embeds, _, row_readout, readout_positions = self._embed_with_audio(
             input_ids, input_features, feature_attention_mask, audio_hidden_states, audio_hidden_mask,
             audio_label_ids, enrollment_context)
         candidate_embeds = self.get_input_embeddings()(cand_ids)
         if row_readout is not None:  # as on the answer tokens in training
             candidate_embeds = candidate_embeds + row_readout[:, None, :].to(candidate_embeds.dtype)
+            readout_positions = torch.cat([readout_positions, torch.ones_like(cand_ids, dtype=torch.bool)], dim=1)
         embeds = torch.cat([embeds, candidate_embeds], dim=1)
         mask, positions = self._candidate_tree(attention_mask, prompt_len, cand_of, token_of, attention, embeds.dtype)
 
@@ -817,10 +848,11 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         # every candidate, candidate c's token j-1 predicts its token j (the previous kept column).
         previous = prompt_len + torch.arange(len(kept), device=kept.device) - 1
         predictors = torch.where(token_of == 0, prompt_len - 1, previous)
-        logits = self.language_model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
-            use_cache=cache is not None, logits_to_keep=predictors,
-        ).logits  # (B, kept, V)
+        with self._readout_on_output(readout_positions, row_readout):
+            logits = self.language_model(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
+                use_cache=cache is not None, logits_to_keep=predictors,
+            ).logits  # (B, kept, V)
         token_logp = logits.float().log_softmax(-1).gather(-1, cand_ids[..., None]).squeeze(-1)
         token_logp = token_logp * column_mask[:, kept]
         scores = torch.zeros(batch, n_labels, device=token_logp.device).index_add_(1, cand_of, token_logp)

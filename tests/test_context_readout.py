@@ -69,10 +69,10 @@ def test_readout_changes_only_queries_with_enrollment(readout_model, make_audio)
     with_context = processor(query=query, enrollment=enrollment, sampling_rate=SR)
     zero_shot = processor(query=query, sampling_rate=SR)
     with torch.no_grad():
-        embeds, _, _ = model._embed_with_audio(with_context["input_ids"], with_context["input_features"],
+        embeds, _, _, _ = model._embed_with_audio(with_context["input_ids"], with_context["input_features"],
                                          with_context["feature_attention_mask"], None, None,
                                          with_context["audio_label_ids"])
-        plain, _, _ = model._embed_with_audio(with_context["input_ids"], with_context["input_features"],
+        plain, _, _, _ = model._embed_with_audio(with_context["input_ids"], with_context["input_features"],
                                         with_context["feature_attention_mask"], None, None)
         moved = (embeds - plain).abs().amax(-1)[0]
         audio = with_context["input_ids"][0] == model.config.audio_token_id
@@ -83,9 +83,9 @@ def test_readout_changes_only_queries_with_enrollment(readout_model, make_audio)
         # ... the instruction, the enrollment lines and the query line's start do not.
         assert float(moved[:first_query_token].max()) == 0.0
         # K = 0: nothing to read; the same as without the read-out's inputs.
-        zero, _, _ = model._embed_with_audio(zero_shot["input_ids"], zero_shot["input_features"],
+        zero, _, _, _ = model._embed_with_audio(zero_shot["input_ids"], zero_shot["input_features"],
                                        zero_shot["feature_attention_mask"], None, None, zero_shot["audio_label_ids"])
-        zero_plain, _, _ = model._embed_with_audio(zero_shot["input_ids"], zero_shot["input_features"],
+        zero_plain, _, _, _ = model._embed_with_audio(zero_shot["input_ids"], zero_shot["input_features"],
                                              zero_shot["feature_attention_mask"], None, None)
     torch.testing.assert_close(zero, zero_plain, atol=0, rtol=0)
 
@@ -182,3 +182,24 @@ def test_saved_readout_model_round_trips(readout_model, make_audio, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.classify(**batch), model.classify(**batch))
     assert np.isclose(float(loaded.context_readout.head_weight[0].detach()), 3.0)
+
+
+def test_copy_route_names_the_label_of_the_matching_enrollment_utterance(make_audio):
+    model, processor = tiny_icl_ser(seed=3, context_readout_heads=1)
+    # Tied input/output embeddings, as in SmolLM2 (the copy route raises the label words' logits).
+    model.language_model.lm_head.weight = model.language_model.get_input_embeddings().weight
+    readout = model.context_readout
+    with torch.no_grad():  # sharp attention on the most similar enrollment utterance, a strong copy
+        readout.key.weight.copy_(readout.query.weight * 1.0)
+        readout.query.weight.mul_(50.0)
+        readout.none_score.fill_(-1e9)
+        readout.head_weight.fill_(1.0)
+        readout.output_gain.fill_(200.0)
+    model.eval()
+    clips = [make_audio(0.6 + 0.15 * j, seed=40 + j) for j in range(3)]
+    words = ["surprise", "anger", "sadness"]
+    for j in range(3):  # the query is enrollment utterance j itself
+        batch = processor(query=clips[j], enrollment=list(zip(clips, words)), sampling_rate=SR)
+        with torch.no_grad():
+            probs = model.classify(**batch)[0]
+        assert processor.labels[int(probs.argmax())] == words[j]

@@ -44,6 +44,13 @@ def test_few_steps_export_and_metrics(tmp_path):
     card = (final / "README.md").read_text()
     assert "synthetic" in card and "val_ua_k8" in card and "library_name: transformers" in card
     assert "**Encoder block read:** block 2" in card  # train.py's default block
+    assert "**Enrollment read-out:** 4 heads" in card  # train.py's default read-out
+    config = json.loads((final / "config.json").read_text())
+    assert config["context_readout_heads"] == 4
+    from safetensors import safe_open
+
+    with safe_open(str(final / "model.safetensors"), framework="pt") as weights:
+        assert any(name.startswith("context_readout.") for name in weights.keys())  # it trained and exported
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert rows[0] == "step,loss,lr,val_ua_mean,val_ua_k0,val_ua_k4,val_ua_k8" and len(rows) == 4
     assert len(rows[2].split(",")) == 7 and rows[2].split(",")[4]  # step 2 was validated
@@ -67,6 +74,8 @@ def test_bad_arguments_fail_before_work(tmp_path):
         train.main([*FAST, "--virtual_speakers", "-1", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="permuted_label_share"):
         train.main([*FAST, "--permuted_label_share", "1.2", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="context_readout_heads"):
+        train.main([*FAST, "--context_readout_heads", "-1", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="audio_feature_layer"):
         train.main([*FAST, "--audio_feature_layer", "-1", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="audio_token_dropout"):
