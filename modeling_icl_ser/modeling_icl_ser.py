@@ -614,6 +614,11 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
                     losses.append(self.context_readout.matching_loss(weights[-1:], matches))
         if rows:
             out = out.index_copy(0, torch.cat(rows), torch.cat(reads))
+        drop = float(self.config.context_readout_dropout)
+        if self.training and drop > 0:
+            # Whole queries without their read-out: the LM must keep learning to label speech
+            # itself (its K = 0 skill) instead of leaning on the read-out whenever K > 0.
+            out = out * (torch.rand(n_audio, 1, device=out.device) >= drop).to(out.dtype)
         loss = torch.stack(losses).mean() if losses else None
         return out, loss
 

@@ -203,3 +203,25 @@ def test_copy_route_names_the_label_of_the_matching_enrollment_utterance(make_au
         with torch.no_grad():
             probs = model.classify(**batch)[0]
         assert processor.labels[int(probs.argmax())] == words[j]
+
+
+def test_readout_dropout_only_while_training(make_audio):
+    model, processor = tiny_icl_ser(seed=0, context_readout_heads=2, context_readout_dropout=0.5)
+    episodes = [_episode(make_audio, 2, i) for i in range(8)]
+    batch = processor(query=[q for q, _ in episodes], enrollment=[e for _, e in episodes], sampling_rate=SR)
+    placeholders = batch["input_ids"] == model.config.audio_token_id
+    hidden, mask = model.get_audio_features(batch["input_features"], batch["feature_attention_mask"])
+    with torch.no_grad():
+        model.eval()
+        kept, _ = model._read_enrollment(placeholders, hidden, mask, batch["audio_label_ids"], None)
+        model.train()
+        torch.manual_seed(0)
+        dropped, _ = model._read_enrollment(placeholders, hidden, mask, batch["audio_label_ids"], None)
+    model.eval()
+    queries = (batch["audio_label_ids"] == -100).all(-1)
+    assert bool((kept[queries].abs().sum(-1) > 0).all())  # every query is read at inference
+    zeroed = dropped[queries].abs().sum(-1) == 0
+    assert 0 < int(zeroed.sum()) < int(queries.sum())  # some, not all, dropped in training
+    torch.testing.assert_close(dropped[queries][~zeroed], kept[queries][~zeroed])
+    with pytest.raises(ValueError, match="context_readout_dropout"):
+        IclSerConfig(context_readout_dropout=1.0)
