@@ -62,6 +62,10 @@ class IclSerConfig(PretrainedConfig):
             one-step route from "this query sounds like that enrollment utterance" to "that
             label", which the LM alone does not learn (docs/RESULTS.md). 0 = no read-out.
         context_readout_dim: Width of each read-out head's query/key space.
+        context_readout_pointer: `classify` mixes the LM's candidate probabilities with the
+            read-out's attention as a pointer over the enrollment labels (pointer-generator): a
+            share equal to its attention mass on enrollment utterances goes to their labels, the
+            rest ("none") stays with the LM.
         context_readout_dropout: Share of training queries whose read-out is left out (on their
             tokens and the LM's output), so the LM keeps learning to label speech on its own.
         context_readout_loss_coef: Weight of the read-out's own loss (attention on the enrollment
@@ -96,6 +100,7 @@ class IclSerConfig(PretrainedConfig):
     projector_hidden_size: int | None = None
     context_readout_heads: int = 0
     context_readout_dim: int = 64
+    context_readout_pointer: bool = True
     context_readout_dropout: float = 0.0
     context_readout_loss_coef: float = 1.0
     labels: list[str] | None = None

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
@@ -147,16 +148,18 @@ class IclSerContextReadout(nn.Module):
     """The enrollment read-out: labels a query utterance by its likeness to the speaker's
     labelled enrollment utterances, in the LM's own label-word embeddings.
 
-    Each utterance is one vector (mean and standard deviation of its encoder frames). The
-    speaker's mean enrollment vector is subtracted from the query's and the enrollment's (a
-    per-speaker normalization), then each of `context_readout_heads` heads scores the query
-    against every enrollment utterance and a learned "none" slot. The result is the
-    head-weighted mix of the enrollment labels' word embeddings (each label's answer tokens,
-    averaged) that the model adds to the query's audio tokens: the LM then needs one hop to say
-    the label (attend to the query, read the label word), instead of having to match the query
-    against enrollment lines and copy the word that follows the match (an induction circuit,
-    which LoRA meta-training did not learn; docs/RESULTS.md). Labels are read from the words,
-    so arbitrary (permuted, unseen) label words work as well as the trained ones.
+    Each utterance is one vector (mean and standard deviation of its encoder frames, layer-
+    normalized). Each of `context_readout_heads` heads scores the query against every
+    enrollment utterance by a learned distance, −τ_h·‖W_h(x_q − x_k)‖²/d (a metric, as in
+    prototypical networks: a close utterance scores high whatever K is, so one enrollment
+    utterance is already informative), and against a learned "none" slot (the query's emotion
+    is not in the enrollment). The result is the head-weighted mix of the enrollment labels'
+    word embeddings (each label's answer tokens, averaged), which the model adds to the
+    query's tokens and its output, and the attention itself, which `classify` uses as a pointer
+    over the enrollment labels. The LM alone would have to match the query against enrollment
+    lines and copy the word that follows the match (an induction circuit, which LoRA meta-
+    training did not learn; docs/RESULTS.md). Labels are read from the words, so arbitrary
+    (permuted, unseen) label words work as well as the trained ones.
     """
 
     def __init__(self, config: IclSerConfig):
@@ -165,8 +168,8 @@ class IclSerContextReadout(nn.Module):
         heads, dim = int(config.context_readout_heads), int(config.context_readout_dim)
         self.heads, self.dim = heads, dim
         self.norm = nn.LayerNorm(width)
-        self.query = nn.Linear(width, heads * dim, bias=False)
-        self.key = nn.Linear(width, heads * dim, bias=False)
+        self.proj = nn.Linear(width, heads * dim, bias=False)
+        self.log_temperature = nn.Parameter(torch.zeros(heads))
         self.none_score = nn.Parameter(torch.zeros(heads))
         self.head_weight = nn.Parameter(torch.full((heads,), 1.0 / heads))
         # Scale of the read-out added to the LM's final hidden states (the copy route).
@@ -193,11 +196,11 @@ class IclSerContextReadout(nn.Module):
         """(Q, 2D) query summaries, (K >= 1, 2D) enrollment summaries and (K, W) their label
         embeddings → (Q, W) read-out vectors and (Q, heads, K + 1) attention weights (the last
         column is the "none" slot)."""
-        dtype = self.query.weight.dtype
-        center = enrollment.mean(0, keepdim=True)
-        q = self.query(self.norm((queries - center).to(dtype))).view(len(queries), self.heads, self.dim)
-        k = self.key(self.norm((enrollment - center).to(dtype))).view(len(enrollment), self.heads, self.dim)
-        scores = torch.einsum("qhd,khd->qhk", q, k) / self.dim**0.5
+        dtype = self.proj.weight.dtype
+        q = self.proj(self.norm(queries.to(dtype))).view(len(queries), self.heads, self.dim)
+        k = self.proj(self.norm(enrollment.to(dtype))).view(len(enrollment), self.heads, self.dim)
+        distance = (q[:, :, None, :] - k.transpose(0, 1)[None]).square().sum(-1) / self.dim  # (Q, H, K)
+        scores = -self.log_temperature.exp().to(distance.dtype)[None, :, None] * distance
         none = self.none_score.to(scores.dtype)[None, :, None].expand(len(queries), -1, 1)
         weights = torch.cat([scores, none], dim=-1).softmax(-1)  # (Q, H, K + 1)
         mixed = torch.einsum("qhk,h->qk", weights[..., :-1], self.head_weight.to(weights.dtype))
@@ -216,6 +219,28 @@ class IclSerContextReadout(nn.Module):
         target = torch.cat([matches, ~matches.any(-1, keepdim=True)], dim=-1).to(weights.dtype)
         mass = (weights.mean(1) * target).sum(-1)
         return -torch.log(mass.float() + 1e-6).mean()
+
+
+@dataclass
+class EmbeddedPrompt:
+    """What `_embed_with_audio` gives the LM passes.
+
+    Attributes:
+        embeds: `(batch, seq, W)` prompt embeddings with the audio tokens in place.
+        readout_loss: The read-out's matching loss (training, with a read-out), else None.
+        readout: `(batch, W)` each row's read-out vector (None without a read-out).
+        readout_positions: `(batch, seq)` the positions after each row's last audio, which carry
+            it (None without a read-out); anything appended to the prompt (candidates) too.
+        pointers: Per row, `(mass (K,), label_embeds (K, W))`: the read-out's attention mass
+            (mean over heads) on each enrollment utterance of the row's query and their label
+            embeddings, or None (no read-out, no enrollment).
+    """
+
+    embeds: torch.Tensor
+    readout_loss: Optional[torch.Tensor] = None
+    readout: Optional[torch.Tensor] = None
+    readout_positions: Optional[torch.Tensor] = None
+    pointers: Optional[list] = None
 
 
 class IclSerPreTrainedModel(PreTrainedModel):
@@ -449,17 +474,15 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         audio_label_ids: Optional[torch.Tensor] = None,
         enrollment_context: Optional[torch.Tensor] = None,
         query_answers: Optional[list[list[int]]] = None,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Prompt embeddings with the audio tokens in place; the read-out's matching loss when
-        `query_answers` (each row's query answer ids, for training) are given; each row's
-        read-out vector `(batch, W)`; and the `(batch, seq)` positions after the row's last audio
-        (the query line's text), which carry it. The last two are None without a read-out;
-        anything appended to the prompt (candidates) belongs to those positions too."""
+    ) -> EmbeddedPrompt:
+        """Prompt embeddings with the audio tokens in place, and what the read-out adds (see
+        `EmbeddedPrompt`); its matching loss when `query_answers` (each row's query answer ids,
+        for training) are given."""
         placeholders = self._check_placeholders(input_ids, self._count_audios(input_features, audio_hidden_states))
         # The placeholder id may lie outside the LM vocabulary: look up a valid id instead.
         embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
         if not placeholders.any():
-            return embeds, None, None, None
+            return EmbeddedPrompt(embeds)
         if input_features is not None:
             hidden, hidden_mask = self.get_audio_features(input_features, feature_attention_mask)
         else:
@@ -472,9 +495,9 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         hidden, hidden_mask = hidden.to(embeds.device), hidden_mask.to(embeds.device)
         audio_tokens = self.projector(hidden, hidden_mask)
         audio_tokens = audio_tokens * self._text_embedding_rms()
-        readout_loss = row_readout = after = None
+        readout_loss = row_readout = after = pointers = None
         if self.context_readout is not None:
-            readout, readout_loss = self._read_enrollment(
+            readout, readout_loss, pointers = self._read_enrollment(
                 placeholders, hidden, hidden_mask, audio_label_ids, enrollment_context, query_answers
             )
             audio_tokens = audio_tokens + readout[:, None, :].to(audio_tokens.dtype)
@@ -489,7 +512,7 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
             embeds = embeds + after[..., None].to(embeds.dtype) * row_readout[:, None, :].to(embeds.dtype)
         # Row-major order of the placeholders = sample after sample, audio after audio.
         embeds = embeds.masked_scatter(placeholders[..., None], audio_tokens.to(embeds.dtype))
-        return embeds, readout_loss, row_readout, after
+        return EmbeddedPrompt(embeds, readout_loss, row_readout, after, pointers)
 
     @contextlib.contextmanager
     def _readout_on_output(self, positions: Optional[torch.Tensor], row_readout: Optional[torch.Tensor]):
@@ -569,17 +592,20 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         audio_label_ids: Optional[torch.Tensor],
         enrollment_context: Optional[torch.Tensor],
         query_answers: Optional[list[list[int]]] = None,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], list]:
         """(N, W) read-out vector per audio: zero for labelled (enrollment) audios and for queries
         without enrollment; for each unlabelled audio, the read-out over its sample's labelled
         audios (and `enrollment_context`'s, which come first). With `query_answers` (row i's
-        query answer ids), also the mean matching loss over the rows' last unlabelled audios."""
+        query answer ids), also the mean matching loss over the rows' last unlabelled audios.
+        Third, per row, the pointer of its last audio (`EmbeddedPrompt.pointers`) or None."""
         n_audio = hidden.shape[0]
         self._check_audio_labels(audio_label_ids, n_audio)
         width = self.get_input_embeddings().weight.shape[-1]
         out = torch.zeros(n_audio, width, device=hidden.device, dtype=torch.float32)
+        per_row = (placeholders.sum(-1) // self.config.num_audio_tokens).tolist()
+        pointers = [None] * len(per_row)
         if audio_label_ids is None and enrollment_context is None:
-            return out, None
+            return out, None, pointers
         summaries = self.context_readout.summarize(hidden, hidden_mask)
         if audio_label_ids is None:
             labelled = torch.zeros(n_audio, dtype=torch.bool, device=hidden.device)
@@ -588,7 +614,6 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
             audio_label_ids = audio_label_ids.to(hidden.device)
             labelled = (audio_label_ids != -100).any(-1)
             label_embeds = self._label_embeddings(audio_label_ids).float()
-        per_row = (placeholders.sum(-1) // self.config.num_audio_tokens).tolist()
         if enrollment_context is not None and enrollment_context.shape[0] != len(per_row):
             raise ValueError(f"enrollment_context has {enrollment_context.shape[0]} rows for a batch of {len(per_row)}.")
         split = self.context_readout.summary_width
@@ -606,6 +631,8 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
                 read, weights = self.context_readout(summaries[queries], memory_summaries, memory_labels)
                 rows.append(queries)
                 reads.append(read.float())
+                if queries[-1] == index[-1]:  # the row's query is its last audio
+                    pointers[row] = (weights[-1, :, :-1].mean(0).float(), memory_labels)
                 if query_answers is not None and enrollment_context is None:
                     answer = query_answers[row]
                     matches = torch.tensor([[[i for i in ids if i != -100] == answer
@@ -620,7 +647,7 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
             # itself (its K = 0 skill) instead of leaning on the read-out whenever K > 0.
             out = out * (torch.rand(n_audio, 1, device=out.device) >= drop).to(out.dtype)
         loss = torch.stack(losses).mean() if losses else None
-        return out, loss
+        return out, loss, pointers
 
     @staticmethod
     def _query_answers(labels: torch.Tensor) -> list[list[int]]:
@@ -713,10 +740,12 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
             answers = None
             if labels is not None and self.context_readout is not None and self.config.context_readout_loss_coef:
                 answers = self._query_answers(labels)
-            inputs_embeds, readout_loss, row_readout, readout_positions = self._embed_with_audio(
+            prompt = self._embed_with_audio(
                 input_ids, input_features, feature_attention_mask, audio_hidden_states, audio_hidden_mask,
                 audio_label_ids, enrollment_context, answers,
             )
+            inputs_embeds, readout_loss = prompt.embeds, prompt.readout_loss
+            row_readout, readout_positions = prompt.readout, prompt.readout_positions
         elif input_features is not None or audio_hidden_states is not None:
             raise ValueError("Audio inputs need input_ids (to find the placeholders), not inputs_embeds.")
         else:
@@ -839,9 +868,10 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         cand_ids = cands.masked_fill(cand_mask == 0, 0).reshape(batch, -1)[:, kept]  # pads: any valid id
         cand_of, token_of = kept // cand_len, kept % cand_len
 
-        embeds, _, row_readout, readout_positions = self._embed_with_audio(
+        prompt = self._embed_with_audio(
             input_ids, input_features, feature_attention_mask, audio_hidden_states, audio_hidden_mask,
             audio_label_ids, enrollment_context)
+        embeds, row_readout, readout_positions = prompt.embeds, prompt.readout, prompt.readout_positions
         candidate_embeds = self.get_input_embeddings()(cand_ids)
         if row_readout is not None:  # as on the answer tokens in training
             candidate_embeds = candidate_embeds + row_readout[:, None, :].to(candidate_embeds.dtype)
@@ -861,7 +891,31 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         token_logp = logits.float().log_softmax(-1).gather(-1, cand_ids[..., None]).squeeze(-1)
         token_logp = token_logp * column_mask[:, kept]
         scores = torch.zeros(batch, n_labels, device=token_logp.device).index_add_(1, cand_of, token_logp)
-        return (scores / cand_mask.sum(-1)).softmax(-1)
+        probs = (scores / cand_mask.sum(-1)).softmax(-1)
+        if self.config.context_readout_pointer and prompt.pointers is not None:
+            probs = self._mix_pointers(probs, prompt.pointers, cands, cand_mask)
+        return probs
+
+    def _mix_pointers(self, probs: torch.Tensor, pointers: list, cands: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
+        """Pointer-generator mixture: row b's probabilities become `(1 − m) · probs + pointer`,
+        where `pointer` puts the read-out's attention mass on each enrollment utterance onto the
+        candidate with that label and `m` is its total (the rest, "none" and labels outside the
+        candidates, stays with the LM). Labels are matched by their answer embeddings, which
+        are the same for the same tokens; this works for a profile's enrollment too."""
+        embeddings = self.get_input_embeddings()(cands.masked_fill(cand_mask == 0, 0)).float()
+        weights = cand_mask.float()[..., None]
+        cand_embeds = (embeddings * weights).sum(2) / weights.sum(2).clamp_min(1.0)  # (B, n_labels, W)
+        mixed = []
+        for b, pointer in enumerate(pointers):
+            if pointer is None:
+                mixed.append(probs[b])
+                continue
+            mass, label_embeds = pointer
+            distance, match = torch.cdist(label_embeds.float(), cand_embeds[b]).min(-1)
+            found = distance <= 1e-4 * cand_embeds[b].norm(dim=-1).mean()
+            point = torch.zeros_like(probs[b]).index_add_(0, match[found], mass[found].to(probs.dtype))
+            mixed.append((1 - point.sum()) * probs[b] + point)
+        return torch.stack(mixed)
 
     @staticmethod
     def _candidate_tree(

@@ -1,5 +1,7 @@
 """The enrollment read-out: what it reads, where it writes, batching, profiles and errors."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -30,11 +32,9 @@ def test_readout_returns_the_label_of_the_matching_enrollment_utterance():
     config = IclSerConfig(context_readout_heads=1, context_readout_dim=16)
     readout = IclSerContextReadout(config)
     width = readout.summary_width
-    with torch.no_grad():
-        projection = torch.randn(16, width)
-        readout.query.weight.copy_(projection)
-        readout.key.weight.copy_(projection)
-        readout.none_score.fill_(-1e4)
+    with torch.no_grad():  # a sharp metric: the nearest enrollment utterance takes all the mass
+        readout.log_temperature.fill_(math.log(1e7))
+        readout.none_score.fill_(-1e9)
         readout.head_weight.fill_(1.0)
     enrollment = torch.randn(5, width)
     labels = torch.randn(5, 7)
@@ -69,11 +69,11 @@ def test_readout_changes_only_queries_with_enrollment(readout_model, make_audio)
     with_context = processor(query=query, enrollment=enrollment, sampling_rate=SR)
     zero_shot = processor(query=query, sampling_rate=SR)
     with torch.no_grad():
-        embeds, _, _, _ = model._embed_with_audio(with_context["input_ids"], with_context["input_features"],
+        embeds = model._embed_with_audio(with_context["input_ids"], with_context["input_features"],
                                          with_context["feature_attention_mask"], None, None,
-                                         with_context["audio_label_ids"])
-        plain, _, _, _ = model._embed_with_audio(with_context["input_ids"], with_context["input_features"],
-                                        with_context["feature_attention_mask"], None, None)
+                                         with_context["audio_label_ids"]).embeds
+        plain = model._embed_with_audio(with_context["input_ids"], with_context["input_features"],
+                                        with_context["feature_attention_mask"], None, None).embeds
         moved = (embeds - plain).abs().amax(-1)[0]
         audio = with_context["input_ids"][0] == model.config.audio_token_id
         n = model.config.num_audio_tokens
@@ -83,10 +83,10 @@ def test_readout_changes_only_queries_with_enrollment(readout_model, make_audio)
         # ... the instruction, the enrollment lines and the query line's start do not.
         assert float(moved[:first_query_token].max()) == 0.0
         # K = 0: nothing to read; the same as without the read-out's inputs.
-        zero, _, _, _ = model._embed_with_audio(zero_shot["input_ids"], zero_shot["input_features"],
-                                       zero_shot["feature_attention_mask"], None, None, zero_shot["audio_label_ids"])
-        zero_plain, _, _, _ = model._embed_with_audio(zero_shot["input_ids"], zero_shot["input_features"],
-                                             zero_shot["feature_attention_mask"], None, None)
+        zero = model._embed_with_audio(zero_shot["input_ids"], zero_shot["input_features"],
+                                       zero_shot["feature_attention_mask"], None, None, zero_shot["audio_label_ids"]).embeds
+        zero_plain = model._embed_with_audio(zero_shot["input_ids"], zero_shot["input_features"],
+                                             zero_shot["feature_attention_mask"], None, None).embeds
     torch.testing.assert_close(zero, zero_plain, atol=0, rtol=0)
 
 
@@ -190,8 +190,7 @@ def test_copy_route_names_the_label_of_the_matching_enrollment_utterance(make_au
     model.language_model.lm_head.weight = model.language_model.get_input_embeddings().weight
     readout = model.context_readout
     with torch.no_grad():  # sharp attention on the most similar enrollment utterance, a strong copy
-        readout.key.weight.copy_(readout.query.weight * 1.0)
-        readout.query.weight.mul_(50.0)
+        readout.log_temperature.fill_(math.log(1e7))
         readout.none_score.fill_(-1e9)
         readout.head_weight.fill_(1.0)
         readout.output_gain.fill_(200.0)
@@ -213,10 +212,10 @@ def test_readout_dropout_only_while_training(make_audio):
     hidden, mask = model.get_audio_features(batch["input_features"], batch["feature_attention_mask"])
     with torch.no_grad():
         model.eval()
-        kept, _ = model._read_enrollment(placeholders, hidden, mask, batch["audio_label_ids"], None)
+        kept, _, _ = model._read_enrollment(placeholders, hidden, mask, batch["audio_label_ids"], None)
         model.train()
         torch.manual_seed(0)
-        dropped, _ = model._read_enrollment(placeholders, hidden, mask, batch["audio_label_ids"], None)
+        dropped, _, _ = model._read_enrollment(placeholders, hidden, mask, batch["audio_label_ids"], None)
     model.eval()
     queries = (batch["audio_label_ids"] == -100).all(-1)
     assert bool((kept[queries].abs().sum(-1) > 0).all())  # every query is read at inference
@@ -225,3 +224,32 @@ def test_readout_dropout_only_while_training(make_audio):
     torch.testing.assert_close(dropped[queries][~zeroed], kept[queries][~zeroed])
     with pytest.raises(ValueError, match="context_readout_dropout"):
         IclSerConfig(context_readout_dropout=1.0)
+
+
+def test_pointer_moves_the_attended_mass_onto_the_enrollment_labels(make_audio):
+    model, processor = tiny_icl_ser(seed=3, context_readout_heads=1)
+    readout = model.context_readout
+    with torch.no_grad():  # sharp attention on the most similar enrollment utterance, nothing on "none"
+        readout.log_temperature.fill_(math.log(1e7))
+        readout.none_score.fill_(-1e9)
+        readout.output_gain.fill_(0.0)
+        readout.head_weight.fill_(0.0)  # no vector on the tokens: only the pointer acts
+    model.eval()
+    clips = [make_audio(0.6 + 0.15 * j, seed=40 + j) for j in range(3)]
+    words = ["surprise", "anger", "sadness"]
+    for j in range(3):
+        batch = processor(query=clips[j], enrollment=list(zip(clips, words)), sampling_rate=SR)
+        with torch.no_grad():
+            probs = model.classify(**batch)[0]
+            model.config.context_readout_pointer = False
+            try:
+                lm_only = model.classify(**batch)[0]
+            finally:
+                model.config.context_readout_pointer = True
+        assert abs(float(probs.sum()) - 1) < 1e-5
+        assert float(probs[processor.labels.index(words[j])]) > 0.99  # all mass on the matching label
+        assert float(lm_only[processor.labels.index(words[j])]) < 0.5
+    # "none" takes it all: the LM's probabilities are left as they are.
+    with torch.no_grad():
+        readout.none_score.fill_(1e9)
+        torch.testing.assert_close(model.classify(**batch), lm_only[None], atol=1e-6, rtol=0)
