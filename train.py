@@ -79,7 +79,7 @@ class TrainingArguments:
     query_template: Optional[str] = field(default=None, metadata={"help": "Query line with {audio} (default: the config's)."})
     audio_token_dropout: float = field(default=0.0, metadata={"help": "Dropout on the pooled audio features while training."})
     context_readout_heads: int = field(default=DEFAULT_CONTEXT_READOUT_HEADS, metadata={"help": "Heads of the enrollment read-out (query vs enrollment utterances → their label words on the query's tokens and the LM's output; docs/RESULTS.md); 0 = none."})
-    context_readout_dropout: float = field(default=0.0, metadata={"help": "Share of training queries without their read-out (the LM keeps learning to label speech itself)."})
+    context_readout_dropout: float = field(default=0.5, metadata={"help": "Share of training queries without their read-out (the LM keeps learning to label speech itself; docs/RESULTS.md)."})
     # what is trained
     encoder_mode: str = field(default="frozen", metadata={"help": "frozen (cached features), lora or full."})
     encoder_lora_layers: int = field(default=2, metadata={"help": "With encoder_mode=lora: adapt the top N encoder layers."})

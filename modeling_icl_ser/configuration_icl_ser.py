@@ -65,7 +65,10 @@ class IclSerConfig(PretrainedConfig):
         context_readout_pointer: `classify` mixes the LM's candidate probabilities with the
             read-out's attention as a pointer over the enrollment labels (pointer-generator): a
             share equal to its attention mass on enrollment utterances goes to their labels, the
-            rest ("none") stays with the LM.
+            rest ("none") stays with the LM. Off by default: the mixture ignores how good the
+            LM's own answer is, and on RAVDESS it cost up to 8 UA points at K = 8 while the LM,
+            which weighs the copy route itself, lost little on synthetic without it
+            (docs/RESULTS.md).
         context_readout_dropout: Share of training queries whose read-out is left out (on their
             tokens and the LM's output), so the LM keeps learning to label speech on its own.
         context_readout_loss_coef: Weight of the read-out's own loss (attention on the enrollment
@@ -100,7 +103,7 @@ class IclSerConfig(PretrainedConfig):
     projector_hidden_size: int | None = None
     context_readout_heads: int = 0
     context_readout_dim: int = 64
-    context_readout_pointer: bool = True
+    context_readout_pointer: bool = False
     context_readout_dropout: float = 0.0
     context_readout_loss_coef: float = 1.0
     labels: list[str] | None = None

@@ -154,9 +154,11 @@ def test_bad_audio_label_ids_raise(readout_model, make_audio):
         IclSerConfig(context_readout_heads=-1)
 
 
+@pytest.mark.parametrize("pointer", [False, True])
 @pytest.mark.parametrize("k", [0, 1, 3])
-def test_profile_keeps_the_readout(readout_model, make_audio, k, tmp_path):
+def test_profile_keeps_the_readout(readout_model, make_audio, k, pointer, tmp_path, monkeypatch):
     model, processor = readout_model
+    monkeypatch.setattr(model.config, "context_readout_pointer", pointer)
     pipe = pipeline("icl-speech-emotion", model=model, processor=processor, device="cpu")
     query, enrollment = _episode(make_audio, k, 3)
     profile = pipe.enroll(enrollment, sampling_rate=SR)
@@ -227,7 +229,7 @@ def test_readout_dropout_only_while_training(make_audio):
 
 
 def test_pointer_moves_the_attended_mass_onto_the_enrollment_labels(make_audio):
-    model, processor = tiny_icl_ser(seed=3, context_readout_heads=1)
+    model, processor = tiny_icl_ser(seed=3, context_readout_heads=1, context_readout_pointer=True)
     readout = model.context_readout
     with torch.no_grad():  # sharp attention on the most similar enrollment utterance, nothing on "none"
         readout.log_temperature.fill_(math.log(1e7))
@@ -245,7 +247,7 @@ def test_pointer_moves_the_attended_mass_onto_the_enrollment_labels(make_audio):
             try:
                 lm_only = model.classify(**batch)[0]
             finally:
-                model.config.context_readout_pointer = True
+                model.config.context_readout_pointer = True  # back to this test's setting
         assert abs(float(probs.sum()) - 1) < 1e-5
         assert float(probs[processor.labels.index(words[j])]) > 0.99  # all mass on the matching label
         assert float(lm_only[processor.labels.index(words[j])]) < 0.5
