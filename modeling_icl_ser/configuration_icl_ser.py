@@ -56,11 +56,12 @@ class IclSerConfig(PretrainedConfig):
             memorizing training utterances); 0 disables it.
         projector_hidden_size: Hidden width of the projector MLP (default: the LM width).
         context_readout_heads: Heads of the enrollment read-out ([`IclSerContextReadout`]): each
-            unlabelled (query) utterance attends over its sample's labelled (enrollment)
-            utterances, compared after removing the speaker's mean, and the attention-weighted
-            embeddings of their label words are added to its audio tokens. It gives the LM a
-            one-step route from "this query sounds like that enrollment utterance" to "that
-            label", which the LM alone does not learn (docs/RESULTS.md). 0 = no read-out.
+            unlabelled (query) utterance is compared with its sample's labelled (enrollment)
+            utterances by a learned distance, and the attention-weighted embeddings of their
+            label words go onto its audio tokens, the text after them and the LM's output. It
+            gives the LM a one-step route from "this query sounds like that enrollment
+            utterance" to "that label", which the LM alone does not learn (docs/RESULTS.md).
+            0 = no read-out.
         context_readout_dim: Width of each read-out head's query/key space.
         context_readout_pointer: `classify` mixes the LM's candidate probabilities with the
             read-out's attention as a pointer over the enrollment labels (pointer-generator): a
