@@ -478,7 +478,10 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         """Prompt embeddings with the audio tokens in place, and what the read-out adds (see
         `EmbeddedPrompt`); its matching loss when `query_answers` (each row's query answer ids,
         for training) are given."""
-        placeholders = self._check_placeholders(input_ids, self._count_audios(input_features, audio_hidden_states))
+        n_audio = self._count_audios(input_features, audio_hidden_states)
+        placeholders = self._check_placeholders(input_ids, n_audio)
+        if self.context_readout is not None:
+            self._check_audio_labels(audio_label_ids, n_audio)  # before any encoder work
         # The placeholder id may lie outside the LM vocabulary: look up a valid id instead.
         embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
         if not placeholders.any():
