@@ -62,6 +62,20 @@ def unweighted_accuracy(predictions: Sequence[str], references: Sequence[str]) -
     return EmotionRecognitionMetrics().compute(predictions=list(predictions), references=list(references))["ua"]
 
 
+def _resample_indices(n: int, n_resamples: int, seed: int):
+    """The bootstrap's index draws: ``n_resamples`` arrays of ``n`` indices into ``range(n)``."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n_resamples):
+        yield rng.integers(0, n, n)
+
+
+def _percentile_interval(values, confidence: float) -> tuple[float, float]:
+    """The central ``confidence`` interval of bootstrap values (percentile method)."""
+    alpha = (1.0 - confidence) / 2
+    low, high = np.quantile(values, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
 def bootstrap_ci(
     predictions: Sequence[str],
     references: Sequence[str],
@@ -71,16 +85,9 @@ def bootstrap_ci(
 ) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap confidence intervals of UA, WA and macro-F1 over episodes."""
     predictions, references = np.asarray(predictions), np.asarray(references)
-    rng = np.random.default_rng(seed)
-    resampled = []
-    for _ in range(n_resamples):
-        index = rng.integers(0, len(references), len(references))
-        resampled.append(_scores(predictions[index], references[index]))
-    alpha = (1.0 - confidence) / 2
-    return {
-        name: tuple(float(q) for q in np.quantile([r[name] for r in resampled], [alpha, 1.0 - alpha]))
-        for name in ("ua", "wa", "macro_f1")
-    }
+    resampled = [_scores(predictions[index], references[index])
+                 for index in _resample_indices(len(references), n_resamples, seed)]
+    return {name: _percentile_interval([r[name] for r in resampled], confidence) for name in ("ua", "wa", "macro_f1")}
 
 
 def paired_ua_resamples(
@@ -99,12 +106,10 @@ def paired_ua_resamples(
     predictions_a, predictions_b, references = map(np.asarray, (predictions_a, predictions_b, references))
     if not len(predictions_a) == len(predictions_b) == len(references) or len(references) == 0:
         raise ValueError("Paired UA needs two non-empty prediction lists aligned with the same references.")
-    rng = np.random.default_rng(seed)
-    differences = np.empty(n_resamples)
-    for j in range(n_resamples):
-        index = rng.integers(0, len(references), len(references))
-        differences[j] = (_scores(predictions_b[index], references[index])["ua"]
-                          - _scores(predictions_a[index], references[index])["ua"])
+    differences = np.array([
+        _scores(predictions_b[index], references[index])["ua"] - _scores(predictions_a[index], references[index])["ua"]
+        for index in _resample_indices(len(references), n_resamples, seed)
+    ])
     difference = _scores(predictions_b, references)["ua"] - _scores(predictions_a, references)["ua"]
     return float(difference), differences
 
@@ -120,9 +125,7 @@ def paired_ua_difference(
     """UA(b) - UA(a) on the same queries, with a paired percentile bootstrap CI
     (:func:`paired_ua_resamples`)."""
     difference, differences = paired_ua_resamples(predictions_a, predictions_b, references, n_resamples, seed)
-    alpha = (1.0 - confidence) / 2
-    low, high = np.quantile(differences, [alpha, 1.0 - alpha])
-    return {"difference": difference, "ci": (float(low), float(high))}
+    return {"difference": difference, "ci": _percentile_interval(differences, confidence)}
 
 
 def per_speaker_ua(
