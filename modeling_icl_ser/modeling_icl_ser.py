@@ -89,6 +89,19 @@ def _fingerprint(version: str, config, module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _masked_mean_std(hidden: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor, use_std: bool = True) -> torch.Tensor:
+    """(N, T, D) frames, (N, T) validity mask and (N, S, T) 0/1 frame weights → (N, S, D or 2D)
+    mean (and std) over each group's frames, in float32."""
+    counts = weights.sum(-1, keepdim=True)
+    # Padded frames get weight 0; zero them too so non-finite padding cannot leak in.
+    hidden = hidden.float().masked_fill(~mask.bool()[..., None], 0.0)
+    mean = weights @ hidden / counts
+    if not use_std:
+        return mean
+    var = (weights @ hidden.square() / counts - mean.square()).clamp_min(0.0)
+    return torch.cat([mean, torch.sqrt(var + 1e-6)], dim=-1)  # eps keeps grads finite at var=0
+
+
 class IclSerProjector(nn.Module):
     """Pools each utterance's valid frames into `num_audio_tokens` time segments and maps them to
     the LM width (LayerNorm → Linear → GELU → Linear → RMSNorm).
@@ -128,15 +141,7 @@ class IclSerProjector(nn.Module):
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Masked mean (and std) per segment: (N, T, D) → (N, S, D or 2D), in float32."""
-        weights = self.segment_weights(mask)
-        counts = weights.sum(-1, keepdim=True)
-        # Padded frames get weight 0; zero them too so non-finite padding cannot leak in.
-        hidden = hidden.float().masked_fill(~mask.bool()[..., None], 0.0)
-        mean = weights @ hidden / counts
-        if not self.use_std:
-            return mean
-        var = (weights @ hidden.square() / counts - mean.square()).clamp_min(0.0)
-        return torch.cat([mean, torch.sqrt(var + 1e-6)], dim=-1)  # eps keeps grads finite at var=0
+        return _masked_mean_std(hidden, mask, self.segment_weights(mask), self.use_std)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(N, T, D) encoder frames + (N, T) mask → (N, num_audio_tokens, LM width)."""
@@ -182,13 +187,9 @@ class IclSerContextReadout(nn.Module):
 
     @staticmethod
     def summarize(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(N, T, D) frames + (N, T) mask → (N, 2D) mean and std over each utterance's valid frames."""
-        valid = mask.bool()[..., None]
-        hidden = hidden.float().masked_fill(~valid, 0.0)
-        count = valid.sum(1).clamp_min(1)
-        mean = hidden.sum(1) / count
-        var = (hidden.square().sum(1) / count - mean.square()).clamp_min(0.0)
-        return torch.cat([mean, torch.sqrt(var + 1e-6)], dim=-1)
+        """(N, T, D) frames + (N, T) mask → (N, 2D) mean and std over each utterance's valid frames
+        (the projector's pooling with one segment)."""
+        return _masked_mean_std(hidden, mask, mask.float()[:, None, :])[:, 0]
 
     def forward(
         self, queries: torch.Tensor, enrollment: torch.Tensor, label_embeds: torch.Tensor
@@ -601,8 +602,7 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         audios (and `enrollment_context`'s, which come first). With `query_answers` (row i's
         query answer ids), also the mean matching loss over the rows' last unlabelled audios.
         Third, per row, the pointer of its last audio (`EmbeddedPrompt.pointers`) or None."""
-        n_audio = hidden.shape[0]
-        self._check_audio_labels(audio_label_ids, n_audio)
+        n_audio = hidden.shape[0]  # audio_label_ids' shape was checked by _embed_with_audio
         width = self.get_input_embeddings().weight.shape[-1]
         out = torch.zeros(n_audio, width, device=hidden.device, dtype=torch.float32)
         per_row = (placeholders.sum(-1) // self.config.num_audio_tokens).tolist()
@@ -747,21 +747,19 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
                 input_ids, input_features, feature_attention_mask, audio_hidden_states, audio_hidden_mask,
                 audio_label_ids, enrollment_context, answers,
             )
-            inputs_embeds, readout_loss = prompt.embeds, prompt.readout_loss
-            row_readout, readout_positions = prompt.readout, prompt.readout_positions
         elif input_features is not None or audio_hidden_states is not None:
             raise ValueError("Audio inputs need input_ids (to find the placeholders), not inputs_embeds.")
         else:
-            readout_loss = row_readout = readout_positions = None
+            prompt = EmbeddedPrompt(inputs_embeds)
+        inputs_embeds = prompt.embeds
         if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
             position_ids = self._positions_from_mask(attention_mask, inputs_embeds.shape[1])
-        if labels is not None and isinstance(logits_to_keep, int) and logits_to_keep == 0:
-            # The LM head is vocabulary-sized (a fifth of a small LM's compute, more for a cut
-            # one): run it only at the positions that predict a target token.
-            with self._readout_on_output(readout_positions, row_readout):
+        with self._readout_on_output(prompt.readout_positions, prompt.readout):
+            if labels is not None and isinstance(logits_to_keep, int) and logits_to_keep == 0:
+                # The LM head is vocabulary-sized (a fifth of a small LM's compute, more for a cut
+                # one): run it only at the positions that predict a target token.
                 outputs = self._loss_at_targets(inputs_embeds, attention_mask, position_ids, cache, use_cache, labels, kwargs)
-        else:
-            with self._readout_on_output(readout_positions, row_readout):
+            else:
                 outputs = self.language_model(
                     inputs_embeds=inputs_embeds,
                     attention_mask=attention_mask,
@@ -772,8 +770,8 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
                     logits_to_keep=logits_to_keep,
                     **kwargs,
                 )
-        if readout_loss is not None and outputs.loss is not None:
-            outputs.loss = outputs.loss + self.config.context_readout_loss_coef * readout_loss.to(outputs.loss.dtype)
+        if prompt.readout_loss is not None and outputs.loss is not None:
+            outputs.loss = outputs.loss + self.config.context_readout_loss_coef * prompt.readout_loss.to(outputs.loss.dtype)
         return outputs
 
     def _loss_at_targets(self, inputs_embeds, attention_mask, position_ids, cache, use_cache, labels, kwargs):
@@ -905,9 +903,8 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         candidate with that label and `m` is its total (the rest, "none" and labels outside the
         candidates, stays with the LM). Labels are matched by their answer embeddings, which
         are the same for the same tokens; this works for a profile's enrollment too."""
-        embeddings = self.get_input_embeddings()(cands.masked_fill(cand_mask == 0, 0)).float()
-        weights = cand_mask.float()[..., None]
-        cand_embeds = (embeddings * weights).sum(2) / weights.sum(2).clamp_min(1.0)  # (B, n_labels, W)
+        cand_embeds = self._label_embeddings(cands.masked_fill(cand_mask == 0, -100).flatten(0, 1))
+        cand_embeds = cand_embeds.float().view(*cands.shape[:2], -1)  # (B, n_labels, W)
         mixed = []
         for b, pointer in enumerate(pointers):
             if pointer is None:
