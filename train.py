@@ -80,6 +80,7 @@ class TrainingArguments:
     audio_token_dropout: float = field(default=0.0, metadata={"help": "Dropout on the pooled audio features while training."})
     context_readout_heads: int = field(default=DEFAULT_CONTEXT_READOUT_HEADS, metadata={"help": "Heads of the enrollment read-out (query vs enrollment utterances → their label words on the query's tokens and the LM's output; docs/RESULTS.md); 0 = none."})
     context_readout_dropout: float = field(default=0.5, metadata={"help": "Share of training queries without their read-out (the LM keeps learning to label speech itself; docs/RESULTS.md)."})
+    readout_stage_steps: Optional[int] = field(default=None, metadata={"help": "Two-stage schedule: the last N of --max_steps train only the enrollment read-out (LM, adapters and projector fixed, the learning-rate schedule restarted); before them the LM trains without the read-out's vector, so its K = 0 skill is undisturbed. The best checkpoint is chosen among stage-2 validations. Default: a third of --max_steps with a read-out; 0 = one stage (docs/RESULTS.md)."})
     # what is trained
     encoder_mode: str = field(default="frozen", metadata={"help": "frozen (cached features), lora or full."})
     encoder_lora_layers: int = field(default=2, metadata={"help": "With encoder_mode=lora: adapt the top N encoder layers."})
@@ -96,7 +97,7 @@ class TrainingArguments:
     virtual_speakers: int = field(default=4, metadata={"help": "Virtual speakers per training speaker (one voice transform each; 0 = none)."})
     loss_on_enrollment_labels: bool = field(default=True, metadata={"help": "Also train on the enrollment labels' tokens (K+1 answers per episode)."})
     # optimisation
-    max_steps: int = field(default=200)
+    max_steps: int = field(default=300, metadata={"help": "Optimizer steps (with a read-out, the last third train it alone: --readout_stage_steps)."})
     batch_size: int = field(default=16, metadata={"help": "Episodes per micro-batch (per process)."})
     gradient_accumulation_steps: int = field(default=1)
     learning_rate: float = field(default=1e-3)
@@ -144,6 +145,13 @@ class TrainingArguments:
             raise ValueError(f"--audio_token_dropout must be in [0, 1), got {self.audio_token_dropout}.")
         if not 0.0 <= self.context_readout_dropout < 1.0:
             raise ValueError(f"--context_readout_dropout must be in [0, 1), got {self.context_readout_dropout}.")
+        if self.readout_stage_steps is None:
+            self.readout_stage_steps = self.max_steps // 3 if self.context_readout_heads > 0 else 0
+        if not 0 <= self.readout_stage_steps < self.max_steps:
+            raise ValueError(f"--readout_stage_steps must be in [0, --max_steps) (the first stage needs steps too), got "
+                             f"{self.readout_stage_steps} with --max_steps {self.max_steps}.")
+        if self.readout_stage_steps and not self.context_readout_heads:
+            raise ValueError("--readout_stage_steps trains the enrollment read-out; it needs --context_readout_heads > 0.")
         if self.context_readout_heads < 0:
             raise ValueError(f"--context_readout_heads must be >= 0 (0 = no enrollment read-out), got {self.context_readout_heads}.")
         if self.virtual_speakers < 0:
@@ -235,10 +243,56 @@ def base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    """Only the trained tensors: checkpoints stay small (the backbones do not change)."""
-    names = {name for name, p in model.named_parameters() if p.requires_grad}
+def trained_parameter_names(model) -> set[str]:
+    """Names of the parameters meta-training changes (taken once, before any stage freezes some)."""
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def trainable_state(model, names: Optional[set[str]] = None) -> dict[str, torch.Tensor]:
+    """Only the trained tensors (`names`, default: those requiring grad): checkpoints stay small
+    (the backbones do not change)."""
+    names = trained_parameter_names(model) if names is None else names
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in names}
+
+
+class TwoStageSchedule:
+    """train.py's `--readout_stage_steps`: which parameters train at a step, and the learning rate.
+
+    Stage 1 (steps before `max_steps - readout_stage_steps`): everything trainable trains, the
+    read-out's vector does not reach the LM (its matching loss still trains its attention).
+    Stage 2: only the read-out trains, feeding the fixed LM; the schedule restarts for it.
+    With `readout_stage_steps == 0` there is one stage and the usual schedule.
+    """
+
+    def __init__(self, args: TrainingArguments, model, trained_names: set[str]):
+        self.first_stage_steps = args.max_steps - args.readout_stage_steps
+        self.two_stage = args.readout_stage_steps > 0
+        self.inner = base(model)
+        self.fixed_in_stage_2 = [p for n, p in model.named_parameters() if n in trained_names and "context_readout" not in n]
+
+    def in_stage_2(self, step: int) -> bool:
+        return self.two_stage and step >= self.first_stage_steps
+
+    def enter(self, step: int) -> None:
+        """Set up the model for the step about to run (`step` = steps done so far)."""
+        if not self.two_stage:
+            return
+        stage_2 = self.in_stage_2(step)
+        self.inner.feed_context_readout(stage_2)
+        for p in self.fixed_in_stage_2:
+            p.requires_grad_(not stage_2)
+
+    def scheduler(self, args: TrainingArguments, optimizer):
+        if not self.two_stage:
+            return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps,
+                                 num_training_steps=args.max_steps)
+        # Each stage gets the chosen schedule over its own steps (warm restart for the read-out).
+        stage_steps = [self.first_stage_steps, args.readout_stage_steps]
+        factors = [get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=min(args.warmup_steps, n // 5),
+                                 num_training_steps=n).lr_lambdas[0] for n in stage_steps]
+        first = self.first_stage_steps
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: factors[0](s) if s < first else factors[1](s - first))
 
 
 # ---------------------------------------------------------------------------------- data
@@ -419,6 +473,12 @@ def training_summary(args: TrainingArguments, summary: dict) -> str:
         f"[{args.k_min}, {args.k_max}] `{args.enrollment_mode}` enrollment, encoder `{args.encoder_mode}`, "
         f"LM LoRA {'r=' + str(args.lora_r) + ' on ' + ', '.join(args.lora_target_modules) if args.lm_lora else 'off'}, lr {args.learning_rate}, seed {args.seed}; "
         f"{summary['minutes']:.1f} min.",
+    ]
+    if args.readout_stage_steps:
+        lines.append(f"Two stages: {args.max_steps - args.readout_stage_steps} steps of the LM path without the read-out's "
+                     f"vector, then {args.readout_stage_steps} step(s) of the read-out alone on the fixed LM; best "
+                     f"validation step {summary['best_step']}.")
+    lines += [
         "",
         "| validation | " + " | ".join(summary["validation"]) + " |",
         "|---|" + "---|" * len(summary["validation"]),
@@ -486,15 +546,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
     collator = IclSerDataCollator(processor, labels=labels, label_enrollment=args.loss_on_enrollment_labels)
 
     params = [p for p in model.parameters() if p.requires_grad]
+    trained_names = trained_parameter_names(model)
+    stages = TwoStageSchedule(args, model, trained_names)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps,
-                              num_training_steps=args.max_steps)
+    scheduler = stages.scheduler(args, optimizer)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     def keep_trainable_only(models, weights, _output_dir):
-        for i, m in enumerate(models):
-            names = {n for n, p in accelerator.unwrap_model(m).named_parameters() if p.requires_grad}
-            names |= {f"module.{n}" for n in names}
+        names = trained_names | {f"module.{n}" for n in trained_names}
+        for i in range(len(models)):
             weights[i] = {k: v for k, v in weights[i].items() if k in names}
 
     accelerator.register_save_state_pre_hook(keep_trainable_only)
@@ -516,6 +576,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                     disable=not accelerator.is_local_main_process)
     best_path = output_dir / "best" / "trainable.safetensors"
     while state["step"] < args.max_steps:
+        stages.enter(state["step"])
         losses = []
         for _ in range(args.gradient_accumulation_steps):
             with accelerator.accumulate(model):
@@ -539,12 +600,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
             record.update(scores)
             if accelerator.is_main_process:
                 accelerator.print(f"step {state['step']}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-                if state["best_metric"] is None or scores["val_ua_mean"] > state["best_metric"]:
+                # With two stages only stage-2 weights are candidates: stage 1 never fed the read-out,
+                # which the exported model does.
+                eligible = not stages.two_stage or stages.in_stage_2(state["step"] - 1)
+                if eligible and (state["best_metric"] is None or scores["val_ua_mean"] > state["best_metric"]):
                     state.update(best_metric=scores["val_ua_mean"], best_step=state["step"], evals_without_gain=0)
                     best_path.parent.mkdir(parents=True, exist_ok=True)
-                    save_file(trainable_state(accelerator.unwrap_model(model)), str(best_path) + ".tmp")
+                    save_file(trainable_state(accelerator.unwrap_model(model), trained_names), str(best_path) + ".tmp")
                     os.replace(str(best_path) + ".tmp", best_path)
-                else:
+                elif eligible:
                     state["evals_without_gain"] += 1
         state["history"].append(record)
         if accelerator.is_main_process:

@@ -280,6 +280,8 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
             self.audio_tower = AutoModel.from_config(config.audio_config)
         self.projector = IclSerProjector(config)
         self.context_readout = IclSerContextReadout(config) if config.context_readout_heads else None
+        # Off only in the first stage of a two-stage schedule (see `feed_context_readout`).
+        self.context_readout_feeds_lm = True
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
 
@@ -543,6 +545,16 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
             handle.remove()
 
     # ----------------------------------------------------------------- enrollment read-out
+    def feed_context_readout(self, enabled: bool) -> None:
+        """Whether the read-out's vector reaches the LM (its tokens, its output, the pointer).
+
+        Switched off, the model behaves as one without a read-out while the read-out's matching
+        loss still trains its attention: the first stage of train.py's two-stage schedule
+        (`--readout_stage_steps`), where the LM learns to label speech (K = 0) undisturbed.
+        Not saved: a loaded model always feeds it.
+        """
+        self.context_readout_feeds_lm = bool(enabled)
+
     def _label_embeddings(self, audio_label_ids: torch.Tensor) -> torch.Tensor:
         """(N, L) label token ids (-100 = none) → (N, W) mean token embedding (0 for unlabelled)."""
         valid = audio_label_ids != -100
@@ -650,6 +662,8 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
             # itself (its K = 0 skill) instead of leaning on the read-out whenever K > 0.
             out = out * (torch.rand(n_audio, 1, device=out.device) >= drop).to(out.dtype)
         loss = torch.stack(losses).mean() if losses else None
+        if not self.context_readout_feeds_lm:
+            return torch.zeros_like(out), loss, [None] * len(per_row)
         return out, loss, pointers
 
     @staticmethod

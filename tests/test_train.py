@@ -45,6 +45,7 @@ def test_few_steps_export_and_metrics(tmp_path):
     assert "synthetic" in card and "val_ua_k8" in card and "library_name: transformers" in card
     assert "**Encoder block read:** block 2" in card  # train.py's default block
     assert "**Enrollment read-out:** 4 heads" in card  # train.py's default read-out
+    assert "Two stages: 2 steps" in card and "then 1 step(s) of the read-out alone" in card  # default: a third
     config = json.loads((final / "config.json").read_text())
     assert config["context_readout_heads"] == 4
     from safetensors import safe_open
@@ -76,6 +77,10 @@ def test_bad_arguments_fail_before_work(tmp_path):
         train.main([*FAST, "--permuted_label_share", "1.2", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="context_readout_heads"):
         train.main([*FAST, "--context_readout_heads", "-1", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="readout_stage_steps must be in"):
+        train.main([*FAST, "--max_steps", "4", "--readout_stage_steps", "4", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="needs --context_readout_heads"):
+        train.main([*FAST, "--readout_stage_steps", "2", "--context_readout_heads", "0", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="audio_feature_layer"):
         train.main([*FAST, "--audio_feature_layer", "-1", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="audio_token_dropout"):
@@ -137,6 +142,35 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys() and len(a) > 0
     for name in a:
         assert (a[name] - b[name]).abs().max().item() == 0.0, name
+
+
+def test_two_stage_schedule_trains_only_the_readout_last_and_resumes_exactly(tmp_path):
+    steps = ["--max_steps", "6", "--readout_stage_steps", "3", "--checkpoint_every", "3", "--eval_every", "2",
+             "--keep_checkpoints", "5"]
+    reference = run_train(steps, tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    end_of_stage_1 = trained_weights(tmp_path / "reference" / "checkpoints" / "step-3")
+    end = trained_weights(tmp_path / "reference" / "checkpoints" / "step-6")
+    assert end_of_stage_1.keys() == end.keys()  # stage 2's fixed tensors still in its checkpoints
+    readout = [n for n in end if "context_readout" in n]
+    others = [n for n in end if "context_readout" not in n]
+    assert readout and any("lora" in n for n in others) and any("projector" in n for n in others)
+    for name in others:  # stage 2 leaves LM adapters and projector as stage 1 left them
+        assert (end[name] - end_of_stage_1[name]).abs().max().item() == 0.0, name
+    assert any((end[n] - end_of_stage_1[n]).abs().max().item() > 0 for n in readout)
+    state = json.loads((tmp_path / "reference" / "checkpoints" / "step-6" / "trainer_state.json").read_text())
+    assert state["best_step"] in (4, 6)  # validated at 2, 4, 6; step 2 (stage 1) is no candidate
+    lrs = [r["lr"] for r in state["history"]]
+    assert lrs[2] > lrs[1]  # the schedule restarts for stage 2 (a row logs the next step's rate)
+
+    resumed_dir = tmp_path / "resumed"  # from the end of stage 1, in a new process
+    resumed = run_train([*steps, "--resume_from_checkpoint", str(tmp_path / "reference" / "checkpoints" / "step-3")],
+                        resumed_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = trained_weights(resumed_dir / "checkpoints" / "step-6")
+    assert again.keys() == end.keys()
+    for name in end:
+        assert (again[name] - end[name]).abs().max().item() == 0.0, name
 
 
 def test_sigterm_saves_a_checkpoint(tmp_path):
