@@ -206,6 +206,33 @@ def test_copy_route_names_the_label_of_the_matching_enrollment_utterance(make_au
         assert processor.labels[int(probs.argmax())] == words[j]
 
 
+def test_readout_switched_off_still_learns_to_match_but_leaves_the_lm_alone(make_audio):
+    # The first stage of train.py's two-stage schedule.
+    model, processor = tiny_icl_ser(seed=0, context_readout_heads=2)
+    with torch.no_grad():
+        model.context_readout.head_weight.fill_(3.0)
+    model.eval()
+    query, enrollment = _episode(make_audio, 3, 0)
+    inputs = processor(query=query, enrollment=enrollment, sampling_rate=SR)
+    unlabelled = {**inputs, "audio_label_ids": None}
+    with torch.no_grad():
+        fed = model.classify(**inputs)
+        model.feed_context_readout(False)
+        unfed = model.classify(**inputs)
+        torch.testing.assert_close(unfed, model.classify(**unlabelled), atol=0, rtol=0)  # no read-out effect
+    assert not torch.allclose(fed, unfed, atol=1e-4)
+    batch = processor(query=query, enrollment=enrollment, answer=enrollment[1][1], sampling_rate=SR)
+    model.zero_grad()
+    model(**batch).loss.backward()
+    grads = {name: p.grad for name, p in model.context_readout.named_parameters()}
+    model.zero_grad()
+    assert float(grads["proj.weight"].abs().sum()) > 0  # the matching loss still trains it
+    assert grads["output_gain"] is None or float(grads["output_gain"].abs().sum()) == 0  # the LM never saw it
+    model.feed_context_readout(True)
+    with torch.no_grad():
+        torch.testing.assert_close(model.classify(**inputs), fed)
+
+
 def test_readout_dropout_only_while_training(make_audio):
     model, processor = tiny_icl_ser(seed=0, context_readout_heads=2, context_readout_dropout=0.5)
     episodes = [_episode(make_audio, 2, i) for i in range(8)]
