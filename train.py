@@ -36,7 +36,7 @@ import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -281,6 +281,13 @@ class TwoStageSchedule:
         self.inner.feed_context_readout(stage_2)
         for p in self.fixed_in_stage_2:
             p.requires_grad_(not stage_2)
+
+    def drop_fixed_gradients(self, step: int) -> None:
+        """In stage 2, forget any gradient of the fixed parameters before the optimizer step (under
+        DDP they may hold reduced zeros, and AdamW would still move them by its momentum)."""
+        if self.in_stage_2(step):
+            for p in self.fixed_in_stage_2:
+                p.grad = None
 
     def scheduler(self, args: TrainingArguments, optimizer):
         if not self.two_stage:
@@ -531,7 +538,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     output_dir = Path(args.output_dir)
     mixed = resolve_mixed_precision(args.mixed_precision)
     trackers = None if args.log_with in (None, "none") else args.log_with
+    # Each stage leaves some parameters out of the loss (stage 1: the copy route's gain; stage 2:
+    # everything but the read-out), which DDP must be told about.
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if args.readout_stage_steps else []
     accelerator = Accelerator(
+        kwargs_handlers=handlers,
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=mixed, log_with=trackers,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
@@ -583,6 +594,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 batch = collator([data.next_example() for _ in range(args.batch_size)])
                 loss = model(**{k: v.to(accelerator.device) for k, v in batch.items()}).loss
                 accelerator.backward(loss)
+                stages.drop_fixed_gradients(state["step"])
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
