@@ -79,6 +79,7 @@ class TrainingArguments:
     query_template: Optional[str] = field(default=None, metadata={"help": "Query line with {audio} (default: the config's)."})
     audio_token_dropout: float = field(default=0.0, metadata={"help": "Dropout on the pooled audio features while training."})
     context_readout_heads: int = field(default=DEFAULT_CONTEXT_READOUT_HEADS, metadata={"help": "Heads of the enrollment read-out (query vs enrollment utterances → their label words on the query's tokens and the LM's output; docs/RESULTS.md); 0 = none."})
+    context_readout_dim: int = field(default=64, metadata={"help": "Width of each read-out head's metric space (smaller = fewer parameters to fit the training speakers)."})
     context_readout_dropout: float = field(default=0.5, metadata={"help": "Share of training queries without their read-out (the LM keeps learning to label speech itself; docs/RESULTS.md)."})
     readout_stage_steps: Optional[int] = field(default=None, metadata={"help": "Two-stage schedule: the last N of --max_steps train only the enrollment read-out (LM, adapters and projector fixed, the learning-rate schedule restarted); before them the LM trains without the read-out's vector, so its K = 0 skill is undisturbed. The best checkpoint is chosen among stage-2 validations. Default: a third of --max_steps with a read-out; 0 = one stage (docs/RESULTS.md)."})
     # what is trained
@@ -154,6 +155,8 @@ class TrainingArguments:
             raise ValueError("--readout_stage_steps trains the enrollment read-out; it needs --context_readout_heads > 0.")
         if self.context_readout_heads < 0:
             raise ValueError(f"--context_readout_heads must be >= 0 (0 = no enrollment read-out), got {self.context_readout_heads}.")
+        if self.context_readout_dim < 1:
+            raise ValueError(f"--context_readout_dim must be >= 1, got {self.context_readout_dim}.")
         if self.virtual_speakers < 0:
             raise ValueError(f"--virtual_speakers must be >= 0, got {self.virtual_speakers}.")
         if self.language_model_layers < 0:
@@ -187,7 +190,7 @@ def build_model(args: TrainingArguments, labels: list[str]):
 
     audio_settings = {"audio_pooling": args.audio_pooling, "audio_feature_layer": args.audio_feature_layer or None,
                       "audio_token_dropout": args.audio_token_dropout, "context_readout_heads": args.context_readout_heads,
-                      "context_readout_dropout": args.context_readout_dropout}
+                      "context_readout_dim": args.context_readout_dim, "context_readout_dropout": args.context_readout_dropout}
     audio_settings.update({name: getattr(args, name) for name in ("enrollment_template", "query_template")
                            if getattr(args, name) is not None})
     settings = {"num_audio_tokens": args.num_audio_tokens, "language_model_layers": args.language_model_layers or None,

@@ -78,6 +78,8 @@ def test_bad_arguments_fail_before_work(tmp_path):
         train.main([*FAST, "--permuted_label_share", "1.2", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="context_readout_heads"):
         train.main([*FAST, "--context_readout_heads", "-1", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="context_readout_dim"):
+        train.main([*FAST, "--context_readout_dim", "0", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="readout_stage_steps must be in"):
         train.main([*FAST, "--max_steps", "4", "--readout_stage_steps", "4", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="needs --context_readout_heads"):
