@@ -251,10 +251,9 @@ def trained_parameter_names(model) -> set[str]:
     return {name for name, p in model.named_parameters() if p.requires_grad}
 
 
-def trainable_state(model, names: Optional[set[str]] = None) -> dict[str, torch.Tensor]:
-    """Only the trained tensors (`names`, default: those requiring grad): checkpoints stay small
+def trainable_state(model, names: set[str]) -> dict[str, torch.Tensor]:
+    """Only the trained tensors (`names`, from `trained_parameter_names`): checkpoints stay small
     (the backbones do not change)."""
-    names = trained_parameter_names(model) if names is None else names
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in names}
 
 
