@@ -631,6 +631,8 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
             label_embeds = self._label_embeddings(audio_label_ids).float()
         if enrollment_context is not None and enrollment_context.shape[0] != len(per_row):
             raise ValueError(f"enrollment_context has {enrollment_context.shape[0]} rows for a batch of {len(per_row)}.")
+        if not self.context_readout_feeds_lm and query_answers is None:
+            return out, None, pointers  # switched off and no matching loss asked for: nothing to read
         split = self.context_readout.summary_width
         rows, reads, losses, start = [], [], [], 0
         for row, count in enumerate(per_row):
