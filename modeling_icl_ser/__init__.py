@@ -8,9 +8,11 @@ It also registers the `"icl-speech-emotion"` pipeline; a checkpoint saved with
 (see the README).
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor
+from .audio_utils import check_torchaudio, load_audio
 
-from .audio_utils import load_audio
+check_torchaudio()  # before transformers loads torchaudio: a clear error instead of a linker message
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor  # noqa: E402
 from .configuration_icl_ser import DEFAULT_LABELS, IclSerConfig
 from .modeling_icl_ser import IclSerForConditionalGeneration, IclSerPreTrainedModel, IclSerProjector
 from .pipeline_icl_ser import IclSpeechEmotionPipeline, SpeakerProfile, register_pipeline, save_with_pipeline

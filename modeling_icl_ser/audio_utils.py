@@ -17,6 +17,57 @@ import torch
 
 AudioInput = Union[str, os.PathLike, np.ndarray, torch.Tensor, dict]
 
+# The torch/torchaudio pair this package was tested with (constraints.txt pins the same pair;
+# tests/test_install.py keeps the two in step). torchaudio's compiled library links against one
+# torch build: a pair that does not fit fails inside the dynamic linker.
+TESTED_TORCH = "2.11.0"
+TESTED_TORCHAUDIO = "2.11.0"
+
+
+class TorchaudioMismatchError(ImportError):
+    """The installed torchaudio cannot be loaded with the installed torch."""
+
+
+def _installed_version(package: str) -> Optional[str]:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def torchaudio_mismatch_message(torch_version: Optional[str], torchaudio_version: Optional[str], cause: str) -> str:
+    """What is installed, what fits, and the pip command that fixes it."""
+    installed = f"torch {torch_version or '(not installed)'} with torchaudio {torchaudio_version or '(not installed)'}"
+    return (
+        f"torchaudio cannot be loaded: {installed} do not fit ({cause}). torchaudio's compiled "
+        f"library must be built for the installed torch release. icl-ser is tested with torch "
+        f"{TESTED_TORCH} + torchaudio {TESTED_TORCHAUDIO}; fix it with:\n"
+        f"    pip install torch=={TESTED_TORCH} torchaudio=={TESTED_TORCHAUDIO}\n"
+        "(in a clone of icl-ser: pip install -e . -c constraints.txt, the tested set of every dependency)."
+    )
+
+
+def check_torchaudio() -> None:
+    """Import torchaudio once and turn a torch/torchaudio mismatch into a clear error.
+
+    transformers imports torchaudio as soon as its audio utilities load, so a torchaudio built
+    for another torch otherwise surfaces as a linker message ("undefined symbol ...") from deep
+    inside an unrelated import.
+
+    Raises:
+        TorchaudioMismatchError: torchaudio is missing or does not load with this torch; the
+            message names both versions, the tested pair and the pip command that fixes it.
+    """
+    try:
+        import torchaudio.functional  # noqa: F401  (loads libtorchaudio)
+    except (ImportError, OSError) as error:
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TorchaudioMismatchError(
+            torchaudio_mismatch_message(torch.__version__, _installed_version("torchaudio"), cause)
+        ) from error
+
 
 def _decode_file(path: Union[str, os.PathLike]) -> tuple[np.ndarray, int]:
     import soundfile
