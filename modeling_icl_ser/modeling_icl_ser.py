@@ -791,31 +791,38 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         return outputs
 
     def _loss_at_targets(self, inputs_embeds, attention_mask, position_ids, cache, use_cache, labels, kwargs):
-        """Shifted LM loss with logits only at the columns that predict a target in some row.
+        """Shifted LM loss with logits only for the target tokens.
 
-        Returns logits `(batch, n_predicting_columns, vocab)`; the loss is the mean over target
-        tokens (or their sum over `num_items_in_batch`, as transformers' loss takes it).
+        The LM head is vocabulary-sized: over every column that holds a target in some row of a
+        padded episode batch it cost as much as the LM's blocks (measured in
+        bench/bench_train_step.py). Here the decoder runs once and the head sees only the
+        `(row, column)` pairs that predict a target token.
+
+        Returns logits `(n_targets, vocab)`, the target tokens in row-major order of
+        `(row, position)`; the loss is their mean (or their sum over `num_items_in_batch`, as
+        transformers' loss takes it).
         """
         num_items = kwargs.pop("num_items_in_batch", None)
         targets = labels[:, 1:].to(inputs_embeds.device)
-        predictors = (targets != -100).any(0).nonzero().squeeze(-1)
-        if len(predictors) == 0:  # no target at all: keep one column so shapes stay valid
-            predictors = torch.tensor([labels.shape[1] - 1], device=inputs_embeds.device)
-            targets = torch.full((labels.shape[0], labels.shape[1]), -100, device=inputs_embeds.device)
-        outputs = self.language_model(
+        rows, columns = (targets != -100).nonzero(as_tuple=True)
+        decoded = self.language_model.get_decoder()(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-            cache=cache, use_cache=use_cache, logits_to_keep=predictors, **kwargs,
+            cache=cache, use_cache=use_cache, **kwargs,
         )
-        chosen = targets[:, predictors].flatten()
-        scored = chosen != -100  # only real targets: a padding column's logits may be non-finite
-        loss = nn.functional.cross_entropy(
-            outputs.logits.flatten(0, 1)[scored].float(), chosen[scored],
-            reduction="sum" if num_items is not None else "mean",
-        )
+        logits = self.language_model.get_output_embeddings()(decoded.last_hidden_state[rows, columns])
+        softcap = getattr(self.language_model.config, "final_logit_softcapping", None)
+        if softcap:  # Gemma-style LMs cap their logits after the head
+            logits = torch.tanh(logits / softcap) * softcap
+        if len(rows) == 0:  # no target at all: a zero loss that still has a graph
+            loss = logits.sum() * 0.0 + decoded.last_hidden_state.sum() * 0.0
+        else:
+            loss = nn.functional.cross_entropy(
+                logits.float(), targets[rows, columns], reduction="sum" if num_items is not None else "mean"
+            )
         if num_items is not None:
             loss = loss / num_items
-        return CausalLMOutputWithPast(loss=loss, logits=outputs.logits, past_key_values=outputs.past_key_values,
-                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=decoded.cache,
+                                      hidden_states=decoded.hidden_states, attentions=decoded.attentions)
 
     # --------------------------------------------------------------------------- classify
     @torch.no_grad()

@@ -102,14 +102,14 @@ def test_batched_results_equal_per_sample_results(tiny, make_audio):
     batch = _batch(processor, make_audio, ks=ks, answer=["anger", "fear", "calm"])
     with torch.no_grad():
         probs = model.classify(**batch)
-        logits = model(**batch).logits
+        logits = model(**batch).logits  # the target tokens' logits, row by row
+    per_row = logits.split((batch["labels"][:, 1:] != -100).sum(1).tolist())
     for i, k in enumerate(ks):
         query, enrollment = _episode(make_audio, k, i)
         single = processor(query=query, enrollment=enrollment, sampling_rate=16000, answer=batch_answer(i))
         with torch.no_grad():
             torch.testing.assert_close(model.classify(**single)[0], probs[i], atol=1e-5, rtol=1e-5)
-            n = single["input_ids"].shape[1]
-            torch.testing.assert_close(model(**single).logits[0], logits[i, -n:], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(model(**single).logits, per_row[i], atol=1e-4, rtol=1e-4)
 
 
 def batch_answer(i: int) -> str:
@@ -174,9 +174,9 @@ def test_loss_only_on_answer_tokens(tiny, make_audio):
     keep = targets != -100
     expected = -logp[keep].gather(-1, targets[keep][:, None]).mean()
     torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
-    # With labels, only the positions that predict a target get logits.
-    assert out.logits.shape[1] == len(answer_ids)
-    torch.testing.assert_close(out.logits[0], full.logits[0, -len(answer_ids) - 1 : -1], atol=1e-5, rtol=1e-5)
+    # With labels, only the target tokens get logits (n_targets, vocab).
+    assert out.logits.shape == (len(answer_ids), full.logits.shape[-1])
+    torch.testing.assert_close(out.logits, full.logits[0, -len(answer_ids) - 1 : -1], atol=1e-5, rtol=1e-5)
 
 
 def test_loss_over_enrollment_and_query_targets_in_a_padded_batch(tiny, make_audio):
@@ -190,7 +190,9 @@ def test_loss_over_enrollment_and_query_targets_in_a_padded_batch(tiny, make_aud
     keep = targets != -100
     expected = -logp[keep].gather(-1, targets[keep][:, None]).mean()
     torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
-    assert out.logits.shape[1] == int(keep.any(0).sum()) < batch["input_ids"].shape[1] - 1
+    # Only the target tokens get logits, fewer than the columns that hold a target in some row.
+    assert out.logits.shape[0] == int(keep.sum()) < batch["labels"].shape[0] * int(keep.any(0).sum())
+    torch.testing.assert_close(out.logits, full.logits[:, :-1][keep], atol=1e-5, rtol=1e-5)
 
 
 def test_audio_changes_the_output(tiny, make_audio):
