@@ -99,7 +99,8 @@ class TrainingArguments:
     loss_on_enrollment_labels: bool = field(default=True, metadata={"help": "Also train on the enrollment labels' tokens (K+1 answers per episode)."})
     # optimisation
     max_steps: int = field(default=300, metadata={"help": "Optimizer steps (with a read-out, the last third train it alone: --readout_stage_steps)."})
-    batch_size: int = field(default=16, metadata={"help": "Episodes per micro-batch (per process)."})
+    batch_size: int = field(default=16, metadata={"help": "Episodes per optimizer step and accumulation step (per process)."})
+    length_groups: int = field(default=4, metadata={"help": "Split each batch into N forward passes of episodes of similar K (less padding; the loss and gradients equal one pass over the batch); 1 = one pass."})
     gradient_accumulation_steps: int = field(default=1)
     learning_rate: float = field(default=1e-3)
     weight_decay: float = field(default=0.0)
@@ -171,6 +172,8 @@ class TrainingArguments:
             check_offline_encoder(self.offline_encoder)
             if self.audio_encoder or self.tiny:
                 raise ValueError("--offline_encoder picks the offline Whisper; drop it with --audio_encoder or --tiny.")
+        if self.length_groups < 1:
+            raise ValueError(f"--length_groups must be >= 1 (1 = one forward pass per batch), got {self.length_groups}.")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"--mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}.")
 
@@ -320,6 +323,30 @@ class EpisodeData:
     def next_example(self) -> dict:
         """The sampler's next episode as a collator example (with its corpus' labels)."""
         return episode_example(with_labels(next(self.train_sampler), self.label_sets), self.paths, self.encoded)
+
+
+def enrollment_size(example: dict) -> int:
+    """K of a collator example (cached features or audio paths)."""
+    return len(example.get("enrollment_labels") or example.get("enrollment") or [])
+
+
+def length_grouped_batches(examples: list[dict], groups: int, collator) -> list[dict]:
+    """One batch as up to `groups` collated micro-batches of episodes of similar K.
+
+    A padded batch of episodes with K from 0 to 8 is ~40 % padding (every row as long as the
+    longest); grouped by K, each pass pads only to its own longest. Every micro-batch carries
+    `num_items_in_batch` and `num_enrolled_queries_in_batch` for the whole batch, so the
+    micro-batches' losses sum to the one-pass loss and their gradients to its gradient.
+    """
+    order = sorted(range(len(examples)), key=lambda i: enrollment_size(examples[i]))
+    chunks = [chunk for chunk in np.array_split(np.array(order), max(1, min(groups, len(examples)))) if len(chunk)]
+    batches = [collator([examples[i] for i in sorted(chunk.tolist())]) for chunk in chunks]
+    n_targets = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in batches)
+    n_enrolled = sum(1 for example in examples if enrollment_size(example))
+    for batch in batches:
+        batch["num_items_in_batch"] = max(n_targets, 1)
+        batch["num_enrolled_queries_in_batch"] = n_enrolled
+    return batches
 
 
 def load_data(args: TrainingArguments, accelerator: Accelerator) -> tuple[Any, list[str]]:
@@ -593,9 +620,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
         losses = []
         for _ in range(args.gradient_accumulation_steps):
             with accelerator.accumulate(model):
-                batch = collator([data.next_example() for _ in range(args.batch_size)])
-                loss = model(**{k: v.to(accelerator.device) for k, v in batch.items()}).loss
-                accelerator.backward(loss)
+                examples = [data.next_example() for _ in range(args.batch_size)]
+                loss = 0.0
+                for batch in length_grouped_batches(examples, args.length_groups, collator):
+                    part = model(**{k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}).loss
+                    accelerator.backward(part)
+                    loss = loss + part.detach()
                 stages.drop_fixed_gradients(state["step"])
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)

@@ -228,7 +228,8 @@ class EmbeddedPrompt:
 
     Attributes:
         embeds: `(batch, seq, W)` prompt embeddings with the audio tokens in place.
-        readout_loss: The read-out's matching loss (training, with a read-out), else None.
+        readout_loss: The read-out's matching loss (training, with a read-out), else None: the
+            mean over `readout_loss_rows` rows.
         readout: `(batch, W)` each row's read-out vector (None without a read-out).
         readout_positions: `(batch, seq)` the positions after each row's last audio, which carry
             it (None without a read-out); anything appended to the prompt (candidates) too.
@@ -242,6 +243,7 @@ class EmbeddedPrompt:
     readout: Optional[torch.Tensor] = None
     readout_positions: Optional[torch.Tensor] = None
     pointers: Optional[list] = None
+    readout_loss_rows: int = 0
 
 
 class IclSerPreTrainedModel(PreTrainedModel):
@@ -502,8 +504,9 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         audio_tokens = self.projector(hidden, hidden_mask)
         audio_tokens = audio_tokens * self._text_embedding_rms()
         readout_loss = row_readout = after = pointers = None
+        readout_loss_rows = 0
         if self.context_readout is not None:
-            readout, readout_loss, pointers = self._read_enrollment(
+            readout, (readout_loss, readout_loss_rows), pointers = self._read_enrollment(
                 placeholders, hidden, hidden_mask, audio_label_ids, enrollment_context, query_answers
             )
             audio_tokens = audio_tokens + readout[:, None, :].to(audio_tokens.dtype)
@@ -518,7 +521,7 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
             embeds = embeds + after[..., None].to(embeds.dtype) * row_readout[:, None, :].to(embeds.dtype)
         # Row-major order of the placeholders = sample after sample, audio after audio.
         embeds = embeds.masked_scatter(placeholders[..., None], audio_tokens.to(embeds.dtype))
-        return EmbeddedPrompt(embeds, readout_loss, row_readout, after, pointers)
+        return EmbeddedPrompt(embeds, readout_loss, row_readout, after, pointers, readout_loss_rows)
 
     @contextlib.contextmanager
     def _readout_on_output(self, positions: Optional[torch.Tensor], row_readout: Optional[torch.Tensor]):
@@ -608,11 +611,12 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         audio_label_ids: Optional[torch.Tensor],
         enrollment_context: Optional[torch.Tensor],
         query_answers: Optional[list[list[int]]] = None,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor], list]:
+    ) -> tuple[torch.Tensor, tuple[Optional[torch.Tensor], int], list]:
         """(N, W) read-out vector per audio: zero for labelled (enrollment) audios and for queries
         without enrollment; for each unlabelled audio, the read-out over its sample's labelled
         audios (and `enrollment_context`'s, which come first). With `query_answers` (row i's
-        query answer ids), also the mean matching loss over the rows' last unlabelled audios.
+        query answer ids), also `(mean matching loss, rows)` over the rows' last unlabelled
+        audios, else `(None, 0)`.
         Third, per row, the pointer of its last audio (`EmbeddedPrompt.pointers`) or None."""
         n_audio = hidden.shape[0]  # audio_label_ids' shape was checked by _embed_with_audio
         width = self.get_input_embeddings().weight.shape[-1]
@@ -620,7 +624,7 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         per_row = (placeholders.sum(-1) // self.config.num_audio_tokens).tolist()
         pointers = [None] * len(per_row)
         if audio_label_ids is None and enrollment_context is None:
-            return out, None, pointers
+            return out, (None, 0), pointers
         summaries = self.context_readout.summarize(hidden, hidden_mask)
         if audio_label_ids is None:
             labelled = torch.zeros(n_audio, dtype=torch.bool, device=hidden.device)
@@ -632,7 +636,7 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         if enrollment_context is not None and enrollment_context.shape[0] != len(per_row):
             raise ValueError(f"enrollment_context has {enrollment_context.shape[0]} rows for a batch of {len(per_row)}.")
         if not self.context_readout_feeds_lm and query_answers is None:
-            return out, None, pointers  # switched off and no matching loss asked for: nothing to read
+            return out, (None, 0), pointers  # switched off and no matching loss asked for: nothing to read
         split = self.context_readout.summary_width
         rows, reads, losses, start = [], [], [], 0
         for row, count in enumerate(per_row):
@@ -663,7 +667,7 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
             # Whole queries without their read-out: the LM must keep learning to label speech
             # itself (its K = 0 skill) instead of leaning on the read-out whenever K > 0.
             out = out * (torch.rand(n_audio, 1, device=out.device) >= drop).to(out.dtype)
-        loss = torch.stack(losses).mean() if losses else None
+        loss = (torch.stack(losses).mean() if losses else None, len(losses))
         if not self.context_readout_feeds_lm:
             return torch.zeros_like(out), loss, [None] * len(per_row)
         return out, loss, pointers
@@ -724,6 +728,7 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         logits_to_keep: Union[int, torch.Tensor] = 0,
         candidate_input_ids: Optional[torch.LongTensor] = None,
         candidate_attention_mask: Optional[torch.Tensor] = None,
+        num_enrolled_queries_in_batch: Optional[int] = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""Language-model pass with the audio tokens spliced in.
@@ -743,11 +748,17 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
             labels: `(batch, seq)` targets, -100 except on answer tokens → shifted LM loss (plus
                 `context_readout_loss_coef` × the read-out's matching loss, the query's answer
                 being each row's last target run). The returned logits then cover only the
-                columns that predict a target token in some row, in order (the loss needs no others).
+                target tokens, `(n_targets, vocab)` in row-major order (the loss needs no others).
             position_ids: Defaults to positions counted from `attention_mask`.
             cache: Key/value cache (`past_key_values` is accepted as its old name).
             candidate_input_ids / candidate_attention_mask: Accepted and ignored, so one
                 processor output feeds both `forward` and `classify`.
+            num_enrolled_queries_in_batch: With `num_items_in_batch` (the target tokens of the
+                whole batch, as transformers' Trainer passes it), when this call is one
+                micro-batch of a larger batch: the batch's rows with K >= 1, over which the
+                matching loss averages. The LM loss is then the sum over this call's targets /
+                `num_items_in_batch` and the matching loss this call's share of the batch mean,
+                so the micro-batches' losses add up to the whole batch's.
 
         Raises:
             ValueError: placeholder count ≠ `num_audio_tokens` × number of audios, or both
@@ -787,7 +798,10 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
                     **kwargs,
                 )
         if prompt.readout_loss is not None and outputs.loss is not None:
-            outputs.loss = outputs.loss + self.config.context_readout_loss_coef * prompt.readout_loss.to(outputs.loss.dtype)
+            readout_loss = prompt.readout_loss
+            if num_enrolled_queries_in_batch:  # a micro-batch of a larger batch: its share of the batch mean
+                readout_loss = readout_loss * prompt.readout_loss_rows / num_enrolled_queries_in_batch
+            outputs.loss = outputs.loss + self.config.context_readout_loss_coef * readout_loss.to(outputs.loss.dtype)
         return outputs
 
     def _loss_at_targets(self, inputs_embeds, attention_mask, position_ids, cache, use_cache, labels, kwargs):

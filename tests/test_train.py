@@ -297,3 +297,57 @@ def test_trainer_fine_tunes_on_the_episodic_dataset(tmp_path):
     assert result.global_step == 4
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
+
+
+def test_length_grouped_micro_batches_give_the_one_pass_loss_and_gradients():
+    """train.py's --length_groups: fewer padded tokens, the same loss and gradients."""
+    import numpy as np
+
+    from modeling_icl_ser import IclSerDataCollator
+    from modeling_icl_ser.testing import tiny_icl_ser
+    from train import length_grouped_batches
+
+    model, processor = tiny_icl_ser(seed=0, context_readout_heads=2, context_readout_dropout=0.0)
+    model.train()
+    labels = processor.labels
+    rng = np.random.default_rng(0)
+    examples = []
+    for i, k in enumerate([3, 0, 5, 1, 0, 2]):  # unsorted, two K = 0 episodes (no matching loss)
+        examples.append({
+            "query_hidden_states": torch.from_numpy(rng.standard_normal((20 + i, 32)).astype(np.float32)),
+            "enrollment_hidden_states": [torch.from_numpy(rng.standard_normal((15 + j, 32)).astype(np.float32))
+                                         for j in range(k)],
+            "enrollment_labels": [labels[(i + j) % len(labels)] for j in range(k)],
+            "answer": labels[i % len(labels)],
+        })
+    collator = IclSerDataCollator(processor, label_enrollment=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(batches):
+        model.zero_grad()
+        total = 0.0
+        for batch in batches:
+            loss = model(**batch).loss
+            loss.backward()
+            total = total + loss.detach()
+        return total, [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    one_loss, one_grads = loss_and_grads([collator(examples)])
+    grouped = length_grouped_batches(examples, 3, collator)
+    assert len(grouped) == 3
+    # Grouped by K, the passes hold fewer (padded) tokens than one pass over the batch.
+    assert sum(b["input_ids"].numel() for b in grouped) < collator(examples)["input_ids"].numel()
+    grouped_loss, grouped_grads = loss_and_grads(grouped)
+    torch.testing.assert_close(grouped_loss, one_loss, atol=1e-5, rtol=1e-5)
+    assert any(g.abs().sum() > 0 for g in one_grads)
+    for a, b in zip(grouped_grads, one_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # The matching loss is part of it: without its share the sums would differ.
+    assert model.config.context_readout_loss_coef > 0
+
+
+def test_length_groups_flag_is_checked():
+    import train
+
+    with pytest.raises(ValueError, match="--length_groups"):
+        train.parse_arguments(["--length_groups", "0"])
