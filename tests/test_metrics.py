@@ -2,7 +2,7 @@
 
 import pytest
 
-from modeling_icl_ser.metrics import EmotionRecognitionMetrics, bootstrap_ci, per_speaker_ua, summarize, unweighted_accuracy
+from evaluation.metrics import EmotionRecognitionMetrics, bootstrap_ci, per_speaker_ua, summarize, unweighted_accuracy
 
 
 def test_ua_wa_f1_hand_computed():
@@ -52,7 +52,7 @@ def test_empty_references_raise():
 def test_paired_ua_difference_equals_the_ua_difference_and_its_ci_brackets_it():
     import numpy as np
 
-    from modeling_icl_ser.metrics import paired_ua_difference
+    from evaluation.metrics import paired_ua_difference
 
     rng = np.random.default_rng(0)
     labels = np.array(["a", "b", "c"])
