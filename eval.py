@@ -4,7 +4,7 @@
 Every method sees the same frozen-encoder features of the same test episodes (K enrollment
 utterances of a test speaker + one query of that speaker), for each K and enrollment mode:
 
-    si, si_norm, si_finetune, prototypes, speaker_embedding   (modeling_icl_ser/baselines.py)
+    si, si_norm, si_finetune, prototypes, speaker_embedding   (evaluation/baselines.py)
     slm_no_icl   the speech LM trained without ICL (train.py --k_min 0 --k_max 0), --baseline_model
     icl          the meta-trained ICL model, --model
 
@@ -394,7 +394,7 @@ def add_paired_gains(results: list[dict], probabilities: dict, episodes: dict, l
     depends on the seed only), so K = 8 and K = 0 can be compared query by query; where the
     queries differ (e.g. a mode whose eligible queries depend on K) no gain is reported.
     """
-    from modeling_icl_ser.metrics import paired_ua_difference
+    from evaluation.metrics import paired_ua_difference
 
     for result in results:
         name, mode, k = result["method"], result["mode"], result["k"]
@@ -433,9 +433,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     import torch
 
     from modeling_icl_ser import IclSerDataCollator
-    from modeling_icl_ser.baselines import make_baseline, pool_features
-    from modeling_icl_ser.episodic import EncodedUtterances, native_bf16_available, predict_episodes
-    from modeling_icl_ser.metrics import summarize
+    from evaluation.baselines import make_baseline, pool_features
+    from evaluation.episodic import EncodedUtterances, native_bf16_available, predict_episodes
+    from evaluation.metrics import summarize
 
     datasets.disable_progress_bars()
     started = time.time()

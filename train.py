@@ -48,8 +48,8 @@ from dataset_builder.virtual_speakers import add_virtual_speakers, real_speaker
 from dataset_builder.cli import parse_arguments as parse_script_arguments, parse_corpus_options
 from modeling_icl_ser import IclSerDataCollator, save_with_pipeline
 from modeling_icl_ser.backbones import DEFAULT_AUDIO_FEATURE_LAYER, DEFAULT_CONTEXT_READOUT_HEADS
-from modeling_icl_ser.episodic import EncodedUtterances, episode_example, native_bf16_available, predict_episodes
-from modeling_icl_ser.metrics import unweighted_accuracy
+from evaluation.episodic import EncodedUtterances, episode_example, native_bf16_available, predict_episodes
+from evaluation.metrics import unweighted_accuracy
 
 logger = logging.getLogger("icl_ser.train")
 REPO_ROOT = Path(__file__).resolve().parent

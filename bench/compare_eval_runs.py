@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from modeling_icl_ser.metrics import paired_ua_resamples, unweighted_accuracy
+from evaluation.metrics import paired_ua_resamples, unweighted_accuracy
 
 
 def read_predictions(folder: str) -> dict[tuple[str, str, int], dict[str, tuple[str, str]]]:

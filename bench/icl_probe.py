@@ -188,8 +188,8 @@ def pooled_features(args: ProbeArguments, table, labels: list[str], used_ids: se
     so the feature cache is shared with eval.py and train.py runs on the same encoder block.
     """
     import eval as eval_script
-    from modeling_icl_ser.baselines import pool_features
-    from modeling_icl_ser.episodic import EncodedUtterances
+    from evaluation.baselines import pool_features
+    from evaluation.episodic import EncodedUtterances
 
     settings = eval_script.EvalArguments(tiny=args.tiny, audio_feature_layer=args.audio_feature_layer or 0,  # None: the last block
                                          seed=args.seed, feature_cache_dir=args.feature_cache_dir)
@@ -268,7 +268,7 @@ def final_intervals(predictions: dict[int, list[str]], data: ProbeData, seed: in
     The fixed validation episodes of every K share their queries (the query order depends on
     the seed only), so the gain is compared query by query, as eval.py does.
     """
-    from modeling_icl_ser.metrics import bootstrap_ci, paired_ua_difference
+    from evaluation.metrics import bootstrap_ci, paired_ua_difference
 
     base = min(predictions)
     references = {k: [e["emotion"] for e in data.validation[k]] for k in predictions}
@@ -290,7 +290,7 @@ def prototype_reference(data: ProbeData) -> dict[int, Optional[float]]:
     """
     import torch
 
-    from modeling_icl_ser.metrics import unweighted_accuracy
+    from evaluation.metrics import unweighted_accuracy
 
     scores: dict[int, Optional[float]] = {}
     for k, episodes in data.validation.items():
@@ -313,7 +313,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_script_arguments(ProbeArguments, argv)
     import torch
 
-    from modeling_icl_ser.metrics import unweighted_accuracy
+    from evaluation.metrics import unweighted_accuracy
 
     torch.set_num_threads(1)  # a diagnostic that shares a small CPU; one thread is also reproducible
     started = time.time()

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None, training_episodes: int = 200) -> dict:
     import train
     from accelerate import Accelerator
 
-    from modeling_icl_ser.episodic import episode_example
+    from evaluation.episodic import episode_example
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--model" not in argv or argv.index("--model") + 1 >= len(argv):

@@ -5,8 +5,9 @@
 * :func:`build_episodes` - speaker-disjoint ``train/validation/test`` episodes
   (:class:`IclSerEpisodes`, a ``datasets.GeneratorBasedBuilder``).
 * :class:`EpisodeSampler` - fresh, seeded, resumable training episodes.
-* :func:`read_corpora` / :func:`split_corpora` / :func:`split_episodes` - several corpora at
-  once (namespaced speakers, per-corpus splits and label sets).
+* :func:`read_corpora` / :func:`split_corpora` / :func:`split_episodes` - one corpus or
+  several (a list of one takes the same path; several get namespaced speakers, per-corpus
+  splits and label sets). :func:`build_episodes` goes through them too.
 * :class:`FeatureCache` / :func:`encode_paths` - frozen-encoder outputs on disk.
 """
 

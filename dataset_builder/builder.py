@@ -1,8 +1,9 @@
 """The episodic-split dataset builder and :func:`build_episodes`.
 
 :class:`IclSerEpisodes` is a :class:`datasets.GeneratorBasedBuilder` configured by
-:class:`IclSerEpisodesConfig`; it reads a corpus, assigns its speakers to speaker-disjoint
-``train``/``validation``/``test`` splits and writes fixed, reproducible episodes for each.
+:class:`IclSerEpisodesConfig`; it reads one corpus or several (a list of one is the same
+path), assigns their speakers to speaker-disjoint ``train``/``validation``/``test`` splits and
+writes fixed, reproducible episodes for each, all through :mod:`dataset_builder.multi`.
 :func:`build_episodes` is the one-call front door.
 """
 
@@ -17,10 +18,9 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import datasets
 from datasets.builder import Key
 
-from .corpora import check_corpus_name, read_corpus
-from .episodes import SpeakerPool, build_pools, check_mode, fixed_episodes, usable_pools
-from .multi import parse_corpora, read_corpora, split_corpora, split_episodes
-from .splits import SPLITS, split_speakers
+from .episodes import check_mode
+from .multi import CorpusSpec, corpus_specs, episode_splits, read_corpora, split_corpora
+from .splits import SPLITS
 from .synthetic import default_cache_root
 
 #: The columns of an episodes split.
@@ -44,8 +44,9 @@ class IclSerEpisodesConfig(datasets.BuilderConfig):
     """What episodes to build (every field keys the builder's cache).
 
     Attributes:
-        corpus: A corpus name accepted by ``read_corpus``.
-        data_dir: The corpus folder / manifest (``None`` for ``synthetic``).
+        corpus: A corpus name accepted by ``read_corpus``, or several comma-separated.
+        data_dir: The corpus folder / manifest (``None`` for ``synthetic``), one per corpus
+            comma-separated with several.
         k: Enrollment utterances per episode.
         mode: ``arbitrary``, ``balanced`` or ``exclude_query_class``.
         episodes_per_speaker: Episodes per speaker and split; ``None`` makes every
@@ -70,20 +71,26 @@ class IclSerEpisodesConfig(datasets.BuilderConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         # Checked here so that bad settings fail before any corpus is read.
-        check_corpus_name(self.corpus)
+        specs = self.specs()
         check_mode(self.mode)
         if not isinstance(self.k, int) or self.k < 0:
             raise ValueError(f"k must be an integer >= 0, got {self.k!r}.")
         if self.episodes_per_speaker is not None and self.episodes_per_speaker < 1:
             raise ValueError(f"episodes_per_speaker must be >= 1 or None, got {self.episodes_per_speaker}.")
-        if self.corpus != "synthetic" and self.data_dir is None:
-            raise ValueError(f"Corpus {self.corpus!r} needs data_dir= (its folder or manifest).")
-        if self.corpus != "synthetic" and self.corpus_options:
+        for name, folder in specs:
+            if name != "synthetic" and folder is None:
+                raise ValueError(f"Corpus {name!r} needs data_dir= (its folder or manifest).")
+        if len(specs) == 1 and specs[0][0] != "synthetic" and self.corpus_options:
+            # (with several corpora the options go to the synthetic one, if any)
             raise ValueError("corpus_options apply to the synthetic corpus only.")
+
+    def specs(self) -> list[CorpusSpec]:
+        """The corpora this config names, each with its folder (a list of one for one corpus)."""
+        return corpus_specs(self.corpus, self.data_dir)
 
 
 class IclSerEpisodes(datasets.GeneratorBasedBuilder):
-    """Speaker-disjoint episodic splits of one corpus (see :class:`IclSerEpisodesConfig`)."""
+    """Speaker-disjoint episodic splits of one or several corpora (see :class:`IclSerEpisodesConfig`)."""
 
     BUILDER_CONFIG_CLASS = IclSerEpisodesConfig
     VERSION = datasets.Version("1.0.0")
@@ -97,45 +104,39 @@ class IclSerEpisodes(datasets.GeneratorBasedBuilder):
                 "icl-ser episodes: K enrollment (utterance id, emotion) pairs and one query utterance "
                 "of the same speaker; train/validation/test are speaker-disjoint."
             ),
-            features=EPISODE_FEATURES,
+            features=episode_features(len(self.config.specs())),
         )
 
     def _split_generators(self, dl_manager: Any) -> list[datasets.SplitGenerator]:
         config: IclSerEpisodesConfig = self.config
+        specs = config.specs()
         utterances = self.preloaded_utterances
         if utterances is None:
-            utterances = read_corpus(config.corpus, config.data_dir, **(config.corpus_options or {}))
-        pools = build_pools(utterances)
-        assignment = split_speakers(
-            pools,
+            utterances = read_corpora(specs, **(config.corpus_options or {}))
+        assignment = split_corpora(
+            utterances, specs,
+            seed=config.seed,
             validation_fraction=config.validation_fraction,
             test_fraction=config.test_fraction,
-            seed=config.seed,
             validation_speakers=config.validation_speakers,
             test_speakers=config.test_speakers,
         )
-        usable = usable_pools(pools, config.k, config.mode)
-        generators = []
-        for split in SPLITS:
-            split_pools = [usable[s] for s in assignment[split] if s in usable]
-            if not split_pools:
-                raise ValueError(
-                    f"The {split} split is empty: none of its speakers {assignment[split]} has enough utterances "
-                    f"for k={config.k} in mode {config.mode!r}. Lower k or choose other {split} speakers."
-                )
-            generators.append(datasets.SplitGenerator(name=split, gen_kwargs={"split": split, "pools": split_pools}))
-        return generators
+        episodes = episode_splits(utterances, specs, assignment, config.k, config.mode, config.seed,
+                                  config.episodes_per_speaker)
+        return [
+            datasets.SplitGenerator(name=split, gen_kwargs={"episodes": episodes[split]}) for split in SPLITS
+        ]
 
-    def _generate_examples(self, split: str, pools: list[SpeakerPool]) -> Iterator[tuple[Key, dict[str, Any]]]:
-        config: IclSerEpisodesConfig = self.config
-        counters: dict[str, int] = {}
-        episodes = fixed_episodes(
-            {pool.speaker: pool for pool in pools}, config.k, config.mode, config.seed, config.episodes_per_speaker
-        )
+    def _generate_examples(self, episodes: list[dict[str, Any]]) -> Iterator[tuple[Key, dict[str, Any]]]:
         for index, episode in enumerate(episodes):
-            number = counters[episode["speaker"]] = counters.get(episode["speaker"], -1) + 1
-            episode_id = f"{split}/{episode['speaker']}/{number:05d}"
-            yield Key(0, index), {"episode_id": episode_id, "corpus": config.corpus, **episode}
+            yield Key(0, index), episode
+
+
+def episode_features(n_corpora: int = 1) -> datasets.Features:
+    """:data:`EPISODE_FEATURES`, plus each episode's ``labels`` when corpora are mixed."""
+    if n_corpora == 1:
+        return EPISODE_FEATURES
+    return datasets.Features({**EPISODE_FEATURES, "labels": datasets.List(datasets.Value("string"))})
 
 
 def _table_fingerprint(utterances: datasets.Dataset) -> str:
@@ -190,13 +191,11 @@ def build_episodes(
 
     Several corpora (see :mod:`dataset_builder.multi`): speakers are namespaced
     (``"ased/01"``), each corpus is split on its own, and every episode has a ``labels``
-    column, its corpus' label set. These splits are built in memory (not cached).
+    column, its corpus' label set. One corpus is the same path with a list of one.
     """
-    if "," in str(corpus):
-        return _mixed_episodes(
-            parse_corpora(str(corpus), None if data_dir is None else os.fspath(data_dir)), k, mode, episodes_per_speaker,
-            seed, validation_fraction, test_fraction, validation_speakers, test_speakers, corpus_options,
-        )
+    specs = corpus_specs(str(corpus), None if data_dir is None else os.fspath(data_dir))
+    # Absolute folders: the cache key does not depend on the working directory.
+    folders = ",".join("" if folder is None else os.path.abspath(folder) for _, folder in specs)
     config_kwargs: dict[str, Any] = dict(
         corpus=corpus,
         k=k,
@@ -210,9 +209,9 @@ def build_episodes(
         corpus_options=dict(corpus_options) or None,
     )
     if data_dir is not None:
-        config_kwargs["data_dir"] = os.path.abspath(os.fspath(data_dir))
-    IclSerEpisodesConfig(**config_kwargs)  # validate every setting before reading the corpus
-    utterances = read_corpus(corpus, config_kwargs.get("data_dir"), **corpus_options)
+        config_kwargs["data_dir"] = folders
+    config = IclSerEpisodesConfig(**config_kwargs)  # validate every setting before reading the corpus
+    utterances = read_corpora(config.specs(), **corpus_options)
     builder = IclSerEpisodes(
         cache_dir=str(Path(cache_dir) if cache_dir is not None else default_cache_root() / "episodes"),
         dataset_name="icl_ser_episodes",
@@ -222,21 +221,3 @@ def build_episodes(
     builder.preloaded_utterances = utterances
     builder.download_and_prepare()
     return builder.as_dataset()
-
-
-def _mixed_episodes(specs, k, mode, episodes_per_speaker, seed, validation_fraction, test_fraction,
-                    validation_speakers, test_speakers, corpus_options) -> datasets.DatasetDict:
-    """:func:`build_episodes` of several corpora: per-corpus splits, episodes with ``labels``."""
-    for name, folder in specs:  # every setting checked before a corpus is read
-        IclSerEpisodesConfig(corpus=name, data_dir=folder, k=k, mode=mode, episodes_per_speaker=episodes_per_speaker,
-                             corpus_options=corpus_options if name == "synthetic" else None)
-    table = read_corpora(specs, **corpus_options)
-    splits = split_corpora(table, specs, seed=seed, validation_fraction=validation_fraction, test_fraction=test_fraction,
-                           validation_speakers=validation_speakers, test_speakers=test_speakers)
-    features = datasets.Features({**EPISODE_FEATURES, "labels": datasets.List(datasets.Value("string"))})
-    return datasets.DatasetDict({
-        split: datasets.Dataset.from_list(
-            split_episodes(table, specs, splits[split], split, k, mode, seed, episodes_per_speaker), features=features
-        )
-        for split in SPLITS
-    })

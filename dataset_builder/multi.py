@@ -10,8 +10,10 @@ tables. With more than one corpus:
 * an episode is one speaker's, so it never mixes corpora, and it carries ``labels``: its own
   corpus' label set, the candidates its instruction lists and that it is scored over.
 
-A single corpus keeps its plain speaker ids and no ``labels`` field, so earlier splits,
-episodes and checkpoints reproduce exactly.
+A single corpus is a list of one and takes the same path (:func:`read_corpora` ->
+:func:`split_corpora` -> :func:`episode_splits` / :func:`split_episodes`); it keeps its plain
+speaker ids and no ``labels`` field, so earlier splits, episodes and checkpoints reproduce
+exactly.
 """
 
 from __future__ import annotations
@@ -59,6 +61,14 @@ def parse_corpora(corpus: str, data_dir: Optional[str] = None, flags: str = "--c
                 "give one folder per corpus, comma-separated in the same order."
             )
     return list(zip(names, folders))
+
+
+def corpus_specs(corpus: str, data_dir: Optional[str] = None) -> list[CorpusSpec]:
+    """:func:`parse_corpora`, except that one corpus keeps its folder whole (a comma in a path
+    is no separator there): ``"ravdess"`` + ``"A"`` -> ``[("ravdess", "A")]``."""
+    if "," not in str(corpus):
+        return [(check_corpus_name(str(corpus)), data_dir)]
+    return parse_corpora(corpus, data_dir)
 
 
 def namespaced(corpus: str, speaker: str) -> str:
@@ -129,6 +139,36 @@ def split_corpora(
     return {split: sorted(members) for split, members in splits.items()}
 
 
+def episode_splits(
+    table: datasets.Dataset,
+    specs: Sequence[CorpusSpec],
+    splits: Mapping[str, Sequence[str]],
+    k: int,
+    mode: str,
+    seed: int = 0,
+    episodes_per_speaker: Optional[int] = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """The fixed episodes of every split at once (what :func:`build_episodes` stores).
+
+    Speakers too small for ``k`` are skipped with one warning for the whole table; each
+    split's episodes are then those :func:`split_episodes` gives for its speakers.
+
+    Raises:
+        ValueError: no speaker allows ``k`` in ``mode``, or a split is left without one.
+    """
+    usable = usable_pools(build_pools(table), k, mode)
+    episodes = {}
+    for split, speakers in splits.items():
+        split_pools = {s: usable[s] for s in speakers if s in usable}
+        if not split_pools:
+            raise ValueError(
+                f"The {split} split is empty: none of its speakers {list(speakers)} has enough utterances "
+                f"for k={k} in mode {mode!r}. Lower k or choose other {split} speakers."
+            )
+        episodes[split] = _numbered_episodes(split_pools, table, specs, split, k, mode, seed, episodes_per_speaker)
+    return episodes
+
+
 def split_episodes(
     table: datasets.Dataset,
     specs: Sequence[CorpusSpec],
@@ -151,9 +191,14 @@ def split_episodes(
         raise ValueError(f"The {split} split has no speaker; choose {split} speakers.")
     pools = build_pools(table)
     usable = usable_pools({s: pools[s] for s in speakers}, k, mode, context=f" ({split} speakers)")
+    return _numbered_episodes(usable, table, specs, split, k, mode, seed, episodes_per_speaker)
+
+
+def _numbered_episodes(pools, table, specs, split, k, mode, seed, episodes_per_speaker) -> list[dict[str, Any]]:
+    """:func:`fixed_episodes` of ``pools`` with ids (``split/speaker/00000``), corpus and labels."""
     sets = label_sets(table, specs)
     episodes, counters = [], {}
-    for episode in fixed_episodes(usable, k, mode, seed, episodes_per_speaker):
+    for episode in fixed_episodes(pools, k, mode, seed, episodes_per_speaker):
         number = counters[episode["speaker"]] = counters.get(episode["speaker"], -1) + 1
         corpus = corpus_of(episode["speaker"]) if sets is not None else specs[0][0]
         identity = {"episode_id": f"{split}/{episode['speaker']}/{number:05d}", "corpus": corpus}

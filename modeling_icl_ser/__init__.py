@@ -1,5 +1,10 @@
 """icl-ser: few-shot personalized speech emotion recognition by in-context learning.
 
+This folder is the model alone: the config, model, processor, pipeline and audio decoding a
+Hub checkpoint carries (``save_pretrained`` copies them beside the weights), plus the backbone
+loaders (``backbones``) and the tiny random test model (``testing``). It imports nothing from
+the layers above it (``dataset_builder``, ``evaluation``, the scripts; tests/test_layout.py).
+
 Importing the package registers the model with the transformers Auto classes, and marks the
 config, model and processor for `register_for_auto_class`, so `save_pretrained` writes an
 `auto_map` and copies the code files next to the weights (load with `trust_remote_code=True`).

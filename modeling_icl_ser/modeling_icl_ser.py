@@ -2,7 +2,19 @@
 from a speaker's enrollment (utterance, emotion) pairs given in context.
 
 Transformers model-file idiom with relative imports only, so that a saved checkpoint runs with
-``trust_remote_code=True`` where this package is not installed.
+``trust_remote_code=True`` where this package is not installed. One file, in four sections:
+
+1. **Projector** (:class:`IclSerProjector`): each utterance's encoder frames -> ``num_audio_tokens``
+   pooled segments -> LM-width audio tokens.
+2. **Read-out** (:class:`IclSerContextReadout`): the enrollment read-out, a one-layer attention
+   from the query utterance to the labelled enrollment utterances (docs/ARCHITECTURE.md,
+   "Enrollment read-out").
+3. **Model** (:class:`IclSerForConditionalGeneration`): encoder, projector, read-out and LM
+   put together; audio features, saving, prompt embedding, ``forward`` and the loss.
+4. **Scoring** (``classify``): closed-set label probabilities from the answer log-likelihoods,
+   and ``generate``'s input preparation.
+
+Before them: the checkpoint-identity helpers (fingerprints, the pipeline file copied on save).
 """
 
 import contextlib
@@ -27,6 +39,9 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_icl_ser import IclSerConfig
 
+# ================================================================================================
+# Checkpoint identity: fingerprints and the pipeline file a saved folder carries
+# ================================================================================================
 # Bumped whenever the encoder pass below changes what features it computes (feature-cache key).
 _ENCODER_PASS_VERSION = "icl_ser-encoder-v1"
 # Bumped whenever the model's prompt pass changes what a speaker profile's cache holds.
@@ -89,6 +104,11 @@ def _fingerprint(version: str, config, module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+# ================================================================================================
+# 1. Projector: encoder frames -> audio tokens in the LM's width
+# ================================================================================================
+
+
 def _masked_mean_std(hidden: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor, use_std: bool = True) -> torch.Tensor:
     """(N, T, D) frames, (N, T) validity mask and (N, S, T) 0/1 frame weights → (N, S, D or 2D)
     mean (and std) over each group's frames, in float32."""
@@ -149,22 +169,37 @@ class IclSerProjector(nn.Module):
         return self.output_norm(self.linear_2(self.act(self.linear_1(pooled))))
 
 
-class IclSerContextReadout(nn.Module):
-    """The enrollment read-out: labels a query utterance by its likeness to the speaker's
-    labelled enrollment utterances, in the LM's own label-word embeddings.
+# ================================================================================================
+# 2. Read-out: the enrollment read-out (query utterance vs labelled enrollment utterances)
+# ================================================================================================
 
-    Each utterance is one vector (mean and standard deviation of its encoder frames, layer-
-    normalized). Each of `context_readout_heads` heads scores the query against every
-    enrollment utterance by a learned distance, −τ_h·‖W_h(x_q − x_k)‖²/d (a metric, as in
-    prototypical networks: a close utterance scores high whatever K is, so one enrollment
-    utterance is already informative), and against a learned "none" slot (the query's emotion
-    is not in the enrollment). The result is the head-weighted mix of the enrollment labels'
-    word embeddings (each label's answer tokens, averaged), which the model adds to the
-    query's tokens and its output, and the attention itself, which `classify` uses as a pointer
-    over the enrollment labels. The LM alone would have to match the query against enrollment
-    lines and copy the word that follows the match (an induction circuit, which LoRA meta-
-    training did not learn; docs/RESULTS.md). Labels are read from the words, so arbitrary
-    (permuted, unseen) label words work as well as the trained ones.
+
+class IclSerContextReadout(nn.Module):
+    """The enrollment read-out: a one-layer attention from a query utterance to its speaker's
+    labelled enrollment utterances, whose values are the LM's own label-word embeddings.
+    docs/ARCHITECTURE.md ("Enrollment read-out") tells the same story at length.
+
+    * Keys and queries: each utterance is one vector, the mean and standard deviation of its
+      frames (of the encoder block the projector reads), layer-normalized (`summarize`).
+    * Scores: each of `context_readout_heads` heads scores the query against every enrollment
+      utterance by a learned distance, −τ_h·‖W_h(x_q − x_k)‖²/d (a metric, as in prototypical
+      networks: a close utterance scores high whatever K is, so one enrollment utterance is
+      already informative), and against a learned "none" slot (the query's emotion is not in
+      the enrollment).
+    * Values: each enrollment label's answer-token embeddings, averaged; labels are read from
+      the words, so arbitrary (permuted, unseen) label words work as well as the trained ones.
+      The head-weighted mix is the query's read-out vector (`forward`).
+    * Use: the model adds the vector onto the query's audio tokens and the text after them,
+      and, scaled by `output_gain`, onto the LM's final hidden states there, where the tied LM
+      head turns it into higher logits for those label words (a copy route). `classify` can
+      also use the attention as a pointer over the enrollment labels
+      (`config.context_readout_pointer`, off by default).
+    * Training: `matching_loss`, the attention mass on the enrollment utterances with the
+      query's label (or on "none"), beside the LM loss.
+
+    Why: the LM alone would have to match the query against enrollment lines and copy the word
+    that follows the match (an induction circuit, which LoRA meta-training did not learn;
+    docs/HISTORY.md). The read-out gives that match one attention step.
     """
 
     def __init__(self, config: IclSerConfig):
@@ -220,6 +255,11 @@ class IclSerContextReadout(nn.Module):
         target = torch.cat([matches, ~matches.any(-1, keepdim=True)], dim=-1).to(weights.dtype)
         mass = (weights.mean(1) * target).sum(-1)
         return -torch.log(mass.float() + 1e-6).mean()
+
+
+# ================================================================================================
+# 3. Model: encoder -> projector (+ read-out) -> causal LM
+# ================================================================================================
 
 
 @dataclass
@@ -838,7 +878,9 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=decoded.cache,
                                       hidden_states=decoded.hidden_states, attentions=decoded.attentions)
 
-    # --------------------------------------------------------------------------- classify
+    # ============================================================================================
+    # 4. Scoring: closed-set classification over label words (``classify``), then generation
+    # ============================================================================================
     @torch.no_grad()
     def classify(
         self,

@@ -1,9 +1,9 @@
-"""modeling_icl_ser.baselines: behaviour on hand-made features, validity on tiny-encoder features."""
+"""evaluation.baselines: behaviour on hand-made features, validity on tiny-encoder features."""
 
 import numpy as np
 import pytest
 
-from modeling_icl_ser.baselines import BASELINES, make_baseline, pool_features
+from evaluation.baselines import BASELINES, make_baseline, pool_features
 
 LABELS = ["a", "b", "c", "d"]
 FAST = {"train_steps": 300, "hidden_size": 32, "validation_draws": 2}
@@ -131,7 +131,7 @@ def test_pool_features_is_mean_and_std():
 def test_runs_on_tiny_encoder_features(tiny, tmp_path):
     """Real (random tiny encoder) features of synthetic speech: every baseline returns probabilities."""
     from dataset_builder import read_corpus
-    from modeling_icl_ser.episodic import EncodedUtterances
+    from evaluation.episodic import EncodedUtterances
 
     model, processor = tiny
     table = read_corpus("synthetic", n_speakers=4, emotions=("neutral", "anger", "sadness"), utterances_per_emotion=2)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from modeling_icl_ser.metrics import EmotionRecognitionMetrics, bootstrap_ci, per_speaker_ua, summarize, unweighted_accuracy
+from evaluation.metrics import EmotionRecognitionMetrics, bootstrap_ci, per_speaker_ua, summarize, unweighted_accuracy
 
 
 def test_ua_wa_f1_hand_computed():
@@ -52,7 +52,7 @@ def test_empty_references_raise():
 def test_paired_ua_difference_equals_the_ua_difference_and_its_ci_brackets_it():
     import numpy as np
 
-    from modeling_icl_ser.metrics import paired_ua_difference
+    from evaluation.metrics import paired_ua_difference
 
     rng = np.random.default_rng(0)
     labels = np.array(["a", "b", "c"])
@@ -68,3 +68,22 @@ def test_paired_ua_difference_equals_the_ua_difference_and_its_ci_brackets_it():
     assert same == {"difference": 0.0, "ci": (0.0, 0.0)}
     with pytest.raises(ValueError, match="aligned"):
         paired_ua_difference(worse[:5], better, references)
+
+
+def test_bootstrap_resamples_score_exactly_as_the_metric():
+    """The confusion-count path of the bootstrap gives the scikit-learn metric's numbers,
+    including classes predicted but never referenced and single-class resamples."""
+    import numpy as np
+
+    from evaluation.metrics import _resampled_scores, _scores
+
+    rng = np.random.default_rng(0)
+    labels = np.array(["anger", "fear", "happiness", "sadness"])
+    for trial in range(40):
+        n = int(rng.integers(1, 30))
+        references = labels[rng.integers(0, 1 + trial % 3, n)]
+        predictions = labels[rng.integers(0, 4, n)]
+        indices = [rng.integers(0, n, n) for _ in range(5)]
+        for index, scores in zip(indices, _resampled_scores(predictions, references, indices)):
+            expected = _scores(predictions[index], references[index])
+            assert scores == pytest.approx(expected, abs=1e-12)

@@ -112,7 +112,7 @@ def test_single_corpus_episodes_equal_build_episodes(corpora, tmp_path):
 
 def test_predict_episodes_scores_each_episode_over_its_own_labels(corpora, tiny):
     from modeling_icl_ser import IclSerDataCollator
-    from modeling_icl_ser.episodic import episode_example, predict_episodes
+    from evaluation.episodic import episode_example, predict_episodes
 
     model, processor = tiny
     specs = specs_of(corpora)

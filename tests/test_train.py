@@ -278,7 +278,7 @@ def test_trainer_fine_tunes_on_the_episodic_dataset(tmp_path):
     sys.path.insert(0, str(REPO))
     from dataset_builder import build_episodes, read_corpus
     from modeling_icl_ser import IclSerDataCollator
-    from modeling_icl_ser.episodic import with_audio_paths
+    from evaluation.episodic import with_audio_paths
     from modeling_icl_ser.testing import tiny_icl_ser
 
     options = {"n_speakers": 6, "utterances_per_emotion": 4}

@@ -3,33 +3,58 @@
 UA (unweighted accuracy) is the mean over emotions of each emotion's recall, the field's
 headline number because emotion classes are unbalanced; WA (weighted accuracy) is plain
 accuracy. Classes are those present in the references, so a test set without an emotion
-is not penalised for it.
+is not penalised for it. The definitions are scikit-learn's (``balanced_accuracy_score``,
+``accuracy_score``, ``f1_score(average="macro", labels=...)``).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence
 
 import datasets
 import evaluate
 import numpy as np
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
 
 def _scores(predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
-    """UA, WA and macro-F1 over the classes present in ``references``."""
-    recalls, f1s = [], []
-    for label in np.unique(references):
-        true_positive = np.sum((predictions == label) & (references == label))
-        predicted = np.sum(predictions == label)
-        recall = true_positive / np.sum(references == label)
-        precision = true_positive / predicted if predicted else 0.0
-        recalls.append(recall)
-        f1s.append(0.0 if recall + precision == 0 else 2 * precision * recall / (precision + recall))
+    """UA, WA and macro-F1 over the classes present in ``references`` (scikit-learn's definitions)."""
+    present = np.unique(references)
+    with warnings.catch_warnings():
+        # A class predicted but never a reference has no recall; balanced accuracy drops it
+        # (UA over the classes present) and warns, which is the definition wanted here. A
+        # resample or speaker with one class only warns about the confusion matrix's shape.
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        warnings.filterwarnings("ignore", message="A single label was found")
+        ua = balanced_accuracy_score(references, predictions)
     return {
-        "ua": float(np.mean(recalls)),
-        "wa": float(np.mean(predictions == references)),
-        "macro_f1": float(np.mean(f1s)),
+        "ua": float(ua),
+        "wa": float(accuracy_score(references, predictions)),
+        "macro_f1": float(f1_score(references, predictions, labels=present, average="macro", zero_division=0)),
     }
+
+
+def _resampled_scores(predictions: np.ndarray, references: np.ndarray, indices) -> list[dict[str, float]]:
+    """:func:`_scores` of each bootstrap resample (``indices``: one index array per resample).
+
+    The same numbers as :func:`_scores` (tests/test_metrics.py pins it), read off each
+    resample's confusion counts: scikit-learn's per-call input checks would make a
+    1000-resample interval about 15x slower, and eval.py draws one per method and K.
+    """
+    classes, codes = np.unique(np.concatenate([references, predictions]), return_inverse=True)
+    true, predicted, n = codes[: len(references)], codes[len(references):], len(classes)
+    results = []
+    for index in indices:
+        confusion = np.bincount(true[index] * n + predicted[index], minlength=n * n).reshape(n, n)
+        hits, support, chosen = np.diag(confusion), confusion.sum(axis=1), confusion.sum(axis=0)
+        present = support > 0
+        results.append({
+            "ua": float(np.mean(hits[present] / support[present])),
+            "wa": float(hits.sum() / len(index)),
+            "macro_f1": float(np.mean(2 * hits[present] / (support[present] + chosen[present]))),
+        })
+    return results
 
 
 class EmotionRecognitionMetrics(evaluate.Metric):
@@ -85,8 +110,7 @@ def bootstrap_ci(
 ) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap confidence intervals of UA, WA and macro-F1 over episodes."""
     predictions, references = np.asarray(predictions), np.asarray(references)
-    resampled = [_scores(predictions[index], references[index])
-                 for index in _resample_indices(len(references), n_resamples, seed)]
+    resampled = _resampled_scores(predictions, references, _resample_indices(len(references), n_resamples, seed))
     return {name: _percentile_interval([r[name] for r in resampled], confidence) for name in ("ua", "wa", "macro_f1")}
 
 
@@ -106,9 +130,11 @@ def paired_ua_resamples(
     predictions_a, predictions_b, references = map(np.asarray, (predictions_a, predictions_b, references))
     if not len(predictions_a) == len(predictions_b) == len(references) or len(references) == 0:
         raise ValueError("Paired UA needs two non-empty prediction lists aligned with the same references.")
+    indices = list(_resample_indices(len(references), n_resamples, seed))
     differences = np.array([
-        _scores(predictions_b[index], references[index])["ua"] - _scores(predictions_a[index], references[index])["ua"]
-        for index in _resample_indices(len(references), n_resamples, seed)
+        b["ua"] - a["ua"]
+        for a, b in zip(_resampled_scores(predictions_a, references, indices),
+                        _resampled_scores(predictions_b, references, indices))
     ])
     difference = _scores(predictions_b, references)["ua"] - _scores(predictions_a, references)["ua"]
     return float(difference), differences

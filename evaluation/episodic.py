@@ -16,8 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .modeling_icl_ser import IclSerForConditionalGeneration
-from .processing_icl_ser import IclSerDataCollator, IclSerProcessor
+from modeling_icl_ser import IclSerDataCollator, IclSerForConditionalGeneration, IclSerProcessor
 
 if TYPE_CHECKING:
     import datasets
