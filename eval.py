@@ -4,7 +4,7 @@
 Every method sees the same frozen-encoder features of the same test episodes (K enrollment
 utterances of a test speaker + one query of that speaker), for each K and enrollment mode:
 
-    si, si_norm, si_finetune, prototypes, speaker_embedding   (evaluation/baselines.py)
+    si, si_norm, si_finetune, prototypes, speaker_embedding, enroll_prototypes   (evaluation/baselines.py)
     slm_no_icl   the speech LM trained without ICL (train.py --k_min 0 --k_max 0), --baseline_model
     icl          the meta-trained ICL model, --model
 
@@ -15,8 +15,8 @@ utterances of a test speaker + one query of that speaker), for each K and enroll
     python eval.py --corpus ased --data_dir ../shared/data/ased --test_speakers all --methods baselines \
         --baseline_corpus ravdess,emotiontts-ko --baseline_data_dir ../shared/data/ravdess,../shared/data/emotiontts-ko
 
-``--methods all`` means the five baselines plus ``icl`` (with ``--model``) and ``slm_no_icl``
-(with ``--baseline_model``); ``baselines`` means the five baselines. Baselines use the encoder of
+``--methods all`` means the six baselines plus ``icl`` (with ``--model``) and ``slm_no_icl``
+(with ``--baseline_model``); ``baselines`` means the six baselines. Baselines use the encoder of
 ``--model`` when given, else ``--audio_encoder``, else the offline Whisper of ``--offline_encoder``
 (tiny.en, the default, or base), or the tiny random model's with ``--tiny``. The speaker split is train.py's (same seed / explicit
 lists), so test speakers are never trained on. ``--test_speakers all`` tests every speaker of a
@@ -45,7 +45,7 @@ from dataset_builder.cli import parse_arguments as parse_script_arguments, parse
 logger = logging.getLogger("icl_ser.eval")
 REPO_ROOT = Path(__file__).resolve().parent
 
-BASELINE_METHODS = ("si", "si_norm", "si_finetune", "prototypes", "speaker_embedding")
+BASELINE_METHODS = ("si", "si_norm", "si_finetune", "prototypes", "speaker_embedding", "enroll_prototypes")
 LM_METHODS = ("slm_no_icl", "icl")
 METHODS = BASELINE_METHODS + LM_METHODS
 METHOD_TITLES = {
@@ -54,6 +54,7 @@ METHOD_TITLES = {
     "si_finetune": "SI + fine-tuning on enrollment",
     "prototypes": "Prototypes (nearest class mean)",
     "speaker_embedding": "SI + speaker embedding",
+    "enroll_prototypes": "Enrollment-standardized prototypes (no training)",
     "slm_no_icl": "Speech LM without ICL training",
     "icl": "ICL (meta-trained, proposed)",
 }

@@ -24,6 +24,8 @@ Methods (docs/EVALUATION.md describes them in prose):
   ``si`` for the classes the enrollment lacks.
 * :class:`SpeakerEmbedding` (``speaker_embedding``) - a head on [utterance, mean enrollment
   feature], trained with embeddings of random K-subsets of each training speaker.
+* :class:`EnrollmentPrototypes` (``enroll_prototypes``) - no training at all: features
+  standardized by the K enrollment utterances themselves, cosine to the enrolled classes' means.
 """
 
 from __future__ import annotations
@@ -48,6 +50,16 @@ def pool_features(frames) -> np.ndarray:
         raise ValueError(f"Expected non-empty (frames, dim) encoder output, got shape {tuple(frames.shape)}.")
     std = frames.std(0, unbiased=False)
     return torch.cat([frames.mean(0), std]).numpy()
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero)."""
+    return x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-8)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits - logits.max(-1, keepdims=True)
+    return np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
 
 
 def _mlp(n_in: int, n_out: int, hidden: int, dropout: float) -> nn.Module:
@@ -323,21 +335,15 @@ class Prototypes(SpeakerIndependent):
         super().__init__(**kwargs)
         self.temperatures = tuple(temperatures)
 
-    @staticmethod
-    def _unit(x: np.ndarray) -> np.ndarray:
-        return x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-8)
-
     def _proto_proba(self, temperature, query_features, ex, ey) -> np.ndarray:
         si = self.si_proba(query_features)
         if not ey:
             return si
-        query = self._unit(self.standardize(np.atleast_2d(query_features)))
-        enrolled = self._unit(self.standardize(ex))
+        query = _unit(self.standardize(np.atleast_2d(query_features)))
+        enrolled = _unit(self.standardize(ex))
         classes = sorted(set(ey), key=self.label_set.index)
-        prototypes = self._unit(np.stack([enrolled[[l == c for l in ey]].mean(0) for c in classes]))
-        logits = query @ prototypes.T / temperature
-        logits -= logits.max(-1, keepdims=True)
-        p_proto = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+        prototypes = _unit(np.stack([enrolled[[l == c for l in ey]].mean(0) for c in classes]))
+        p_proto = _softmax(query @ prototypes.T / temperature)
         columns = [self.label_set.index(c) for c in classes]
         out = si.copy()
         out[:, columns] = si[:, columns].sum(-1, keepdims=True) * p_proto
@@ -459,13 +465,63 @@ class SpeakerEmbedding(SpeakerIndependent):
         return {**super().describe(), "train_ks": list(self.train_ks), "draws_per_k": self.draws_per_k}
 
 
+class EnrollmentPrototypes(Baseline):
+    """``enroll_prototypes``: cosine to the enrolled classes' means in the enrollment's own scale.
+
+    No training at all (``fit`` only records the label set): the K enrollment vectors'
+    per-dimension mean and variance standardize the query and the enrollment (label-free
+    speaker normalization), each enrolled class' prototype is the mean of its standardized,
+    L2-normalized enrollment vectors, and ``p(c) = softmax(cos(q, m_c) / T)`` over the enrolled
+    classes; classes the enrollment lacks get 0. The variance gets a floor of
+    ``variance_floor`` × its mean over dimensions, so a dimension on which the few enrollment
+    utterances happen to agree does not dominate. K = 0 gives the uniform distribution (no
+    enrollment, nothing to compare with): this method measures what the enrollment alone tells.
+    """
+
+    name = "enroll_prototypes"
+
+    def __init__(self, temperature: float = 0.1, variance_floor: float = 0.01, **kwargs):
+        super().__init__(**kwargs)
+        if temperature <= 0 or variance_floor < 0:
+            raise ValueError(f"temperature must be > 0 and variance_floor >= 0, got {temperature} and {variance_floor}.")
+        self.temperature, self.variance_floor = float(temperature), float(variance_floor)
+
+    def fit(self, features, labels, speakers, label_set, validation=None):
+        self.label_set = list(label_set)
+        if len(set(self.label_set)) != len(self.label_set) or len(self.label_set) < 2:
+            raise ValueError(f"label_set must hold at least two distinct labels, got {self.label_set}.")
+        return self
+
+    def predict_proba(self, query_features, enrollment_features=None, enrollment_labels=()):
+        ex, ey = self._check_enrollment(enrollment_features, enrollment_labels)
+        query = np.atleast_2d(np.asarray(query_features, dtype=np.float32))
+        out = np.zeros((len(query), len(self.label_set)), dtype=np.float64)
+        enrolled = [i for i, label in enumerate(ey) if label in self.label_set]
+        if not enrolled:
+            out[:] = 1.0 / len(self.label_set)
+            return out
+        ex, ey = ex[enrolled], [ey[i] for i in enrolled]
+        mean, var = ex.mean(0), ex.var(0)
+        scale = np.sqrt(var + self.variance_floor * var.mean() + 1e-8)
+        query_z, enrolled_z = _unit((query - mean) / scale), _unit((ex - mean) / scale)
+        classes = sorted(set(ey), key=self.label_set.index)
+        prototypes = _unit(np.stack([enrolled_z[[label == c for label in ey]].mean(0) for c in classes]))
+        out[:, [self.label_set.index(c) for c in classes]] = _softmax(query_z @ prototypes.T / self.temperature)
+        return out
+
+    def describe(self):
+        return {"class": type(self).__name__, "temperature": self.temperature,
+                "variance_floor": self.variance_floor, "trained": False}
+
+
 BASELINES: dict[str, type[Baseline]] = {
-    cls.name: cls for cls in (SpeakerIndependent, SpeakerNormalized, FineTuned, Prototypes, SpeakerEmbedding)
+    cls.name: cls
+    for cls in (SpeakerIndependent, SpeakerNormalized, FineTuned, Prototypes, SpeakerEmbedding, EnrollmentPrototypes)
 }
 
 
 def make_baseline(name: str, **kwargs) -> Baseline:
-    """A baseline by its method name (``si, si_norm, si_finetune, prototypes, speaker_embedding``)."""
+    """A baseline by its method name (``si, si_norm, si_finetune, prototypes, speaker_embedding, enroll_prototypes``)."""
     if name not in BASELINES:
         raise ValueError(f"Unknown baseline {name!r}; choose among {', '.join(BASELINES)}.")
     return BASELINES[name](**kwargs)
@@ -474,6 +530,7 @@ def make_baseline(name: str, **kwargs) -> Baseline:
 __all__ = [
     "BASELINES",
     "Baseline",
+    "EnrollmentPrototypes",
     "FineTuned",
     "Prototypes",
     "SpeakerEmbedding",

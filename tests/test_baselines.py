@@ -75,9 +75,18 @@ def fit(name, data):
     return _FITTED[key]
 
 
-@pytest.mark.parametrize("name", list(BASELINES))
+TRAINED = [name for name in BASELINES if name != "enroll_prototypes"]  # that one only reads the enrollment
+
+
+@pytest.mark.parametrize("name", TRAINED)
 def test_every_baseline_beats_chance_when_emotions_are_shared(name, shared):
     assert episode_ua(fit(name, shared), shared[2], k=4) > 0.8  # chance is 0.25
+
+
+def test_enrollment_prototypes_read_private_renderings_from_the_enrollment_alone(private):
+    method = fit("enroll_prototypes", private)
+    at_0, at_8 = episode_ua(method, private[2], 0), episode_ua(method, private[2], 8)
+    assert at_0 < 0.3 < at_8 - 0.2  # K = 0: uniform, i.e. chance (0.25)
 
 
 @pytest.mark.parametrize("name", ["si_finetune", "prototypes"])
@@ -95,7 +104,7 @@ def test_speaker_normalization_removes_speaker_offsets(offsets):
     assert normalized > si + 0.1 and normalized > 0.7
 
 
-@pytest.mark.parametrize("name", list(BASELINES))
+@pytest.mark.parametrize("name", TRAINED)
 def test_k0_falls_back_to_si_for_normalization_finetuning_and_prototypes(name, private):
     if name == "speaker_embedding":
         pytest.skip("speaker_embedding has its own head (zero embedding at K = 0)")
@@ -149,3 +158,28 @@ def test_runs_on_tiny_encoder_features(tiny, tmp_path):
         probabilities = method.predict_proba(x[test[:2]], x[test[2:]], [y[i] for i in test[2:]])
         assert probabilities.shape == (2, len(labels))
         assert np.isfinite(probabilities).all() and np.allclose(probabilities.sum(-1), 1.0, atol=1e-5)
+
+
+def test_enrollment_prototypes_need_no_training_and_follow_the_speakers_own_scale():
+    from evaluation.baselines import EnrollmentPrototypes, make_baseline
+
+    labels = ["anger", "calm", "fear"]
+    method = make_baseline("enroll_prototypes").fit(np.zeros((3, 4)), labels, ["a", "b", "c"], labels)
+    assert isinstance(method, EnrollmentPrototypes)
+    rng = np.random.default_rng(0)
+    # One speaker whose classes differ along dimension 0, on top of a large speaker offset and
+    # scale: the enrollment's own statistics remove both.
+    centres = {"anger": 1.0, "calm": -1.0}
+    enrollment = np.stack([[1000 + 50 * centres[l] + rng.normal(), 7 + rng.normal(), 0, 0]
+                           for l in ["anger", "calm"] * 4]).astype(np.float32)
+    query = np.array([[1000 + 50 * 1.0, 7, 0, 0], [1000 - 50, 7, 0, 0]], dtype=np.float32)
+    probs = method.predict_proba(query, enrollment, ["anger", "calm"] * 4)
+    assert probs.shape == (2, 3)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
+    assert probs[0].argmax() == 0 and probs[1].argmax() == 1
+    assert (probs[:, 2] == 0).all()  # fear was not enrolled
+    # K = 0: nothing to compare with, uniform; K = 1: the one enrolled class.
+    np.testing.assert_allclose(method.predict_proba(query), np.full((2, 3), 1 / 3))
+    assert (method.predict_proba(query, enrollment[:1], ["calm"]).argmax(1) == 1).all()
+    with pytest.raises(ValueError, match="temperature"):
+        EnrollmentPrototypes(temperature=0)
