@@ -351,3 +351,24 @@ def test_length_groups_flag_is_checked():
 
     with pytest.raises(ValueError, match="--length_groups"):
         train.parse_arguments(["--length_groups", "0"])
+
+
+def test_settings_file_then_overriding_flags(tmp_path):
+    import train
+
+    settings = tmp_path / "s.yaml"
+    settings.write_text("max_steps: 40\neval_k: [0, 2]\nlm_lora: false\nlearning_rate: 0.002\n")
+    args = train.parse_arguments([str(settings), "--max_steps", "7"])
+    assert (args.max_steps, args.eval_k, args.lm_lora, args.learning_rate) == (7, [0, 2], False, 0.002)
+    assert train.parse_arguments([str(settings)]).max_steps == 40
+    with pytest.raises(ValueError, match="Cannot read settings file"):
+        train.parse_arguments([str(tmp_path / "missing.yaml"), "--max_steps", "7"])
+
+
+def test_real_speech_config_names_the_three_shared_corpora():
+    import train
+
+    args = train.parse_arguments([str(REPO / "configs" / "real-speech.yaml")])
+    assert args.corpus.split(",") == ["ravdess", "ased", "emotiontts-ko"]
+    assert args.data_dir.split(",") == [f"../shared/data/{c}" for c in ("ravdess", "ased", "emotiontts-ko")]
+    assert args.virtual_speakers == 0
