@@ -135,6 +135,9 @@ class FeatureCache:
         return tensors
 
 
+_LENGTH_SORT_BATCHES = 8  # batches read at once and sorted by length
+
+
 def encode_paths(
     cache: Optional[FeatureCache],
     paths: Sequence[Union[str, os.PathLike]],
@@ -163,14 +166,22 @@ def encode_paths(
         else:
             missing[key] = path
     pending = list(missing.items())
-    for start in range(0, len(pending), batch_size):
-        batch = pending[start : start + batch_size]
-        arrays = [load_audio(path, target_sampling_rate=sampling_rate) for _, path in batch]
-        outputs = list(encode_fn(arrays))
-        if len(outputs) != len(batch):
-            raise ValueError(f"encode_fn returned {len(outputs)} tensors for {len(batch)} audios; return one per audio.")
-        for (key, _), features in zip(batch, outputs):
-            results[key] = features
-            if cache is not None:
-                cache.put(key, {"features": features})
+    # Audio is read a window of batches at a time and batched by length within the window: a
+    # batch pads to its longest utterance, so similar lengths waste less encoder work (valid
+    # frames do not depend on the batch), while memory stays bounded by the window.
+    window = batch_size * _LENGTH_SORT_BATCHES
+    for window_start in range(0, len(pending), window):
+        items = pending[window_start : window_start + window]
+        arrays = [load_audio(path, target_sampling_rate=sampling_rate) for _, path in items]
+        order = sorted(range(len(items)), key=lambda i: len(arrays[i]))
+        for start in range(0, len(order), batch_size):
+            chosen = order[start : start + batch_size]
+            outputs = list(encode_fn([arrays[i] for i in chosen]))
+            if len(outputs) != len(chosen):
+                raise ValueError(f"encode_fn returned {len(outputs)} tensors for {len(chosen)} audios; return one per audio.")
+            for i, features in zip(chosen, outputs):
+                key = items[i][0]
+                results[key] = features
+                if cache is not None:
+                    cache.put(key, {"features": features})
     return [results[key] for key in keys]

@@ -147,7 +147,6 @@ def add_virtual_speakers(
         ValueError: unknown or already virtual speakers, or ``per_speaker < 0``.
     """
     from datasets import Dataset
-    from tqdm.auto import tqdm
 
     rows = [dict(row) for row in utterances]
     rows_of = defaultdict(list)
@@ -160,12 +159,34 @@ def add_virtual_speakers(
     folder = Path(cache_dir) if cache_dir else default_cache_root() / "virtual"
     folder.mkdir(parents=True, exist_ok=True)
     jobs = [(row, name, transform) for name, transform in transforms.items() for row in rows_of[real_speaker(name)]]
+    rendered = _render_all([(row["path"], transform) for row, _, transform in jobs], folder, show_progress)
     added = []
-    for row, name, transform in tqdm(jobs, desc="virtual speakers", disable=not show_progress):
-        path, seconds = _render(row["path"], transform, folder)
+    for (row, name, _), (path, seconds) in zip(jobs, rendered):
         suffix = name[len(row["speaker"]):]  # "@v<j>"
         added.append({**row, "id": f"{row['id']}{suffix}", "speaker": name, "path": path, "duration": float(seconds)})
     return Dataset.from_list(rows + added)
+
+
+def _render_all(jobs: list[tuple[str, VoiceTransform]], folder: Path, show_progress: bool) -> list[tuple[str, float]]:
+    """`_render` for every (source, transform), in order, one file per CPU core at a time.
+
+    Each file's transform is a chain of small torch ops: one thread per file, files in
+    parallel, keeps every core busy (torch releases the GIL inside its ops), where torch's own
+    intra-op threads would mostly wait on each other. The result does not depend on the order.
+    """
+    import torch
+    from concurrent.futures import ThreadPoolExecutor
+    from tqdm.auto import tqdm
+
+    workers = max(1, min(os.cpu_count() or 1, len(jobs)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = pool.map(lambda job: _render(job[0], job[1], folder), jobs)
+            return list(tqdm(results, total=len(jobs), desc="virtual speakers", disable=not show_progress))
+    finally:
+        torch.set_num_threads(threads)
 
 
 __all__ = ["VoiceTransform", "add_virtual_speakers", "real_speaker", "virtual_speaker_transforms", "SEPARATOR"]
