@@ -86,6 +86,7 @@ class EvalArguments:
     # sweep
     k: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8], metadata={"help": "Enrollment sizes K."})
     mode: list[str] = field(default_factory=lambda: ["arbitrary"], metadata={"help": "arbitrary, balanced and/or exclude_query_class."})
+    content_disjoint: bool = field(default=False, metadata={"help": "No enrollment utterance has the query's sentence (text); needs corpora with texts (not iemocap/synthetic)."})
     episodes_per_speaker: Optional[int] = field(default=None, metadata={"help": "Episodes per test speaker (default: every utterance is a query once)."})
     # running
     batch_size: int = field(default=8, metadata={"help": "Episodes per classify call (LM methods)."})
@@ -98,9 +99,11 @@ class EvalArguments:
 
     def validate(self) -> None:
         """Raise ValueError for settings that cannot work, before any heavy work."""
-        from dataset_builder import MODES, parse_corpora
+        from dataset_builder import MODES, check_texts_known, parse_corpora
 
         specs = parse_corpora(self.corpus, self.data_dir)
+        if self.content_disjoint:
+            check_texts_known(name for name, _ in specs)
         parse_corpus_options(self.corpus_options)
         if self.labels and len(specs) > 1:
             raise ValueError("--labels sets one label set for a single corpus; with several corpora each episode "
@@ -240,6 +243,7 @@ def prepare_data(args: EvalArguments) -> dict[str, Any]:
         for k in args.k:
             episodes[(mode, k)] = split_episodes(
                 table, specs, splits[split], split, k, mode, seed=args.seed, episodes_per_speaker=args.episodes_per_speaker,
+                content_disjoint=args.content_disjoint,
             )
             if not episodes[(mode, k)]:
                 raise ValueError(f"No {split} episodes for K={k} in mode {mode!r}: the {split} speakers are too small.")
@@ -565,9 +569,10 @@ def results_markdown(report: dict) -> str:
     modes = list(dict.fromkeys(r["mode"] for r in report["results"]))
     ks = sorted({r["k"] for r in report["results"]})
     by_key = {(r["method"], r["mode"], r["k"]): r for r in report["results"]}
+    disjoint = " content-disjoint" if report.get("settings", {}).get("content_disjoint") else ""
     for mode in modes:
         lines += [
-            f"**{report['corpus']}**, `{mode}` enrollment: UA % (± half-width of the bootstrap 95% CI over "
+            f"**{report['corpus']}**, `{mode}`{disjoint} enrollment: UA % (± half-width of the bootstrap 95% CI over "
             f"episodes); {len(report['splits'][report['eval_split']])} {report['eval_split']} speakers, labels: {', '.join(report['labels'])}.",
             "",
             "| method | " + " | ".join(f"K={k}" for k in ks) + " |",

@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from dataset_builder import EpisodeSampler, parse_corpora, read_corpora, split_corpora, split_episodes
+from dataset_builder import EpisodeSampler, check_texts_known, parse_corpora, read_corpora, split_corpora, split_episodes
 from dataset_builder.multi import label_sets, with_labels
 from dataset_builder.synthetic import default_cache_root
 from dataset_builder.virtual_speakers import add_virtual_speakers, real_speaker
@@ -94,6 +94,7 @@ class TrainingArguments:
     k_min: int = field(default=0, metadata={"help": "Smallest K drawn for a training episode."})
     k_max: int = field(default=8, metadata={"help": "Largest K drawn for a training episode."})
     enrollment_mode: str = field(default="arbitrary", metadata={"help": "arbitrary, balanced or exclude_query_class."})
+    content_disjoint: bool = field(default=False, metadata={"help": "No enrollment utterance has the query's sentence (text), in training and validation episodes; needs corpora with texts (not iemocap/synthetic)."})
     permuted_label_share: float = field(default=0.0, metadata={"help": "Share of the training episodes the context can answer (enrollment holds the query's emotion) whose label words are permuted (same for enrollment and query)."})
     virtual_speakers: int = field(default=4, metadata={"help": "Virtual speakers per training speaker (one voice transform each; 0 = none)."})
     loss_on_enrollment_labels: bool = field(default=True, metadata={"help": "Also train on the enrollment labels' tokens (K+1 answers per episode)."})
@@ -130,6 +131,8 @@ class TrainingArguments:
         """Raise ValueError for settings that cannot work, before any heavy work."""
         parse_corpus_options(self.corpus_options)
         specs = parse_corpora(self.corpus, self.data_dir)  # names known, one folder per corpus
+        if self.content_disjoint:
+            check_texts_known(name for name, _ in specs)
         if self.labels and len(specs) > 1:
             raise ValueError("--labels sets one label set for a single corpus; with several corpora each episode "
                              "uses its own corpus' emotions, so drop --labels.")
@@ -376,10 +379,12 @@ def prepare_episodes(args, accelerator, table, labels, model, processor) -> Epis
     sampler = EpisodeSampler(
         table, speakers=train_speakers, k=(args.k_min, args.k_max), mode=args.enrollment_mode,
         seed=args.seed * 1000 + accelerator.process_index, permuted_label_share=args.permuted_label_share,
+        content_disjoint=args.content_disjoint,
     )
     validation = {
         k: split_episodes(real_table, specs, splits["validation"], "validation", k, args.enrollment_mode,
-                          seed=args.seed, episodes_per_speaker=args.eval_episodes_per_speaker)
+                          seed=args.seed, episodes_per_speaker=args.eval_episodes_per_speaker,
+                          content_disjoint=args.content_disjoint)
         for k in args.eval_k
     }
     encoded = None
@@ -506,7 +511,7 @@ def training_summary(args: TrainingArguments, summary: dict) -> str:
         f"Meta-trained with `train.py` on the **{args.corpus}** corpus: {summary['n_train_speakers']} training "
         f"speakers, {summary['n_validation_speakers']} validation speakers (test speakers unused).",
         f"{summary['steps']} steps × {args.batch_size * args.gradient_accumulation_steps} episodes, K ∈ "
-        f"[{args.k_min}, {args.k_max}] `{args.enrollment_mode}` enrollment, encoder `{args.encoder_mode}`, "
+        f"[{args.k_min}, {args.k_max}] `{args.enrollment_mode}`{' content-disjoint' if args.content_disjoint else ''} enrollment, encoder `{args.encoder_mode}`, "
         f"LM LoRA {'r=' + str(args.lora_r) + ' on ' + ', '.join(args.lora_target_modules) if args.lm_lora else 'off'}, lr {args.learning_rate}, seed {args.seed}; "
         f"{summary['minutes']:.1f} min.",
     ]

@@ -1,7 +1,7 @@
 """icl-ser data layer: corpus readers, the synthetic corpus, episodic splits, feature cache.
 
 * :func:`read_corpus` - a corpus folder / manifest / the synthetic corpus as an utterance
-  table (``id, path, speaker, emotion, original_label, corpus, duration``).
+  table (``id, path, speaker, emotion, original_label, corpus, duration, text``).
 * :func:`build_episodes` - speaker-disjoint ``train/validation/test`` episodes
   (:class:`IclSerEpisodes`, a ``datasets.GeneratorBasedBuilder``).
 * :class:`EpisodeSampler` - fresh, seeded, resumable training episodes.
@@ -12,7 +12,7 @@
 """
 
 from .builder import EPISODE_FEATURES, IclSerEpisodes, IclSerEpisodesConfig, build_episodes
-from .corpora import CORPORA, UTTERANCE_FEATURES, CorpusReport, SkippedFile, read_corpus
+from .corpora import CORPORA, TEXTLESS_CORPORA, UTTERANCE_FEATURES, CorpusReport, SkippedFile, check_texts_known, read_corpus
 from .episodes import MODES, EpisodeSampler, SpeakerPool, build_pools
 from .multi import parse_corpora, read_corpora, split_corpora, split_episodes
 from .feature_cache import FeatureCache, content_key_for_file, content_key_for_samples, encode_paths
@@ -34,8 +34,10 @@ __all__ = [
     "SkippedFile",
     "SpeakerPool",
     "SyntheticConfig",
+    "TEXTLESS_CORPORA",
     "build_episodes",
     "build_pools",
+    "check_texts_known",
     "content_key_for_file",
     "content_key_for_samples",
     "encode_paths",

@@ -18,7 +18,8 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import datasets
 from datasets.builder import Key
 
-from .episodes import check_mode
+from .corpora import check_texts_known
+from .episodes import check_mode, require_texts
 from .multi import CorpusSpec, corpus_specs, episode_splits, read_corpora, split_corpora
 from .splits import SPLITS
 from .synthetic import default_cache_root
@@ -55,6 +56,7 @@ class IclSerEpisodesConfig(datasets.BuilderConfig):
         validation_fraction, test_fraction: Speaker fractions held out (rounded, at least 1).
         validation_speakers, test_speakers: Explicit held-out speakers (override fractions).
         corpus_options: Generator options for ``synthetic`` (``SyntheticConfig`` fields).
+        content_disjoint: No enrollment utterance has the query's ``text`` (sentence).
     """
 
     corpus: str = "synthetic"
@@ -67,6 +69,7 @@ class IclSerEpisodesConfig(datasets.BuilderConfig):
     validation_speakers: Optional[tuple[str, ...]] = None
     test_speakers: Optional[tuple[str, ...]] = None
     corpus_options: Optional[dict[str, Any]] = None
+    content_disjoint: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -80,6 +83,8 @@ class IclSerEpisodesConfig(datasets.BuilderConfig):
         for name, folder in specs:
             if name != "synthetic" and folder is None:
                 raise ValueError(f"Corpus {name!r} needs data_dir= (its folder or manifest).")
+        if self.content_disjoint:
+            check_texts_known(name for name, _ in specs)
         if len(specs) == 1 and specs[0][0] != "synthetic" and self.corpus_options:
             # (with several corpora the options go to the synthetic one, if any)
             raise ValueError("corpus_options apply to the synthetic corpus only.")
@@ -122,7 +127,7 @@ class IclSerEpisodes(datasets.GeneratorBasedBuilder):
             test_speakers=config.test_speakers,
         )
         episodes = episode_splits(utterances, specs, assignment, config.k, config.mode, config.seed,
-                                  config.episodes_per_speaker)
+                                  config.episodes_per_speaker, config.content_disjoint)
         return [
             datasets.SplitGenerator(name=split, gen_kwargs={"episodes": episodes[split]}) for split in SPLITS
         ]
@@ -139,12 +144,15 @@ def episode_features(n_corpora: int = 1) -> datasets.Features:
     return datasets.Features({**EPISODE_FEATURES, "labels": datasets.List(datasets.Value("string"))})
 
 
-def _table_fingerprint(utterances: datasets.Dataset) -> str:
-    """A hash of the table's ids, speakers and labels: changes to the corpus rebuild the cache."""
+def _table_fingerprint(utterances: datasets.Dataset, content_disjoint: bool = False) -> str:
+    """A hash of the table's ids, speakers and labels (and texts, which content-disjoint
+    episodes read): changes to the corpus rebuild the cache."""
     digest = hashlib.sha256()
     for column in ("id", "speaker", "emotion"):
         digest.update("\x00".join(utterances[column]).encode("utf-8"))
         digest.update(b"\x01")
+    if content_disjoint:  # only then, so that earlier caches stay valid
+        digest.update("\x00".join(text or "" for text in utterances["text"]).encode("utf-8"))
     return digest.hexdigest()[:16]
 
 
@@ -160,6 +168,7 @@ def build_episodes(
     validation_speakers: Optional[Sequence[str]] = None,
     test_speakers: Optional[Sequence[str]] = None,
     cache_dir: Optional[Union[str, os.PathLike]] = None,
+    content_disjoint: bool = False,
     **corpus_options: Any,
 ) -> datasets.DatasetDict:
     """Build speaker-disjoint episodic ``train``/``validation``/``test`` splits of a corpus.
@@ -179,6 +188,9 @@ def build_episodes(
         validation_speakers, test_speakers: Explicit held-out speakers instead.
         cache_dir: Where the builder keeps its Arrow files (default
             ``$ICL_SER_CACHE/episodes``).
+        content_disjoint: No enrollment utterance has the query's ``text`` (the sentence): acted
+            corpora repeat each sentence in every emotion, which real enrollment rarely does.
+            Needs texts for every corpus (not ``iemocap``/``synthetic``; a manifest's ``text``).
         **corpus_options: Options of the synthetic generator (``SyntheticConfig`` fields).
 
     Returns:
@@ -187,7 +199,8 @@ def build_episodes(
 
     Speakers with too few utterances for ``k`` (fewer than K + 1, or in
     ``exclude_query_class`` fewer than K outside the query's emotion) are skipped with a
-    warning; a ``k`` no speaker allows, or a split left without speakers, is a ``ValueError``.
+    warning; a ``k`` no speaker allows, or a split left without speakers, is a ``ValueError``
+    (with ``content_disjoint``, too few counts those outside the query's sentence).
 
     Several corpora (see :mod:`dataset_builder.multi`): speakers are namespaced
     (``"ased/01"``), each corpus is split on its own, and every episode has a ``labels``
@@ -208,14 +221,18 @@ def build_episodes(
         test_speakers=tuple(test_speakers) if test_speakers is not None else None,
         corpus_options=dict(corpus_options) or None,
     )
+    if content_disjoint:  # only then, so that the cache keys of earlier builds stay the same
+        config_kwargs["content_disjoint"] = True
     if data_dir is not None:
         config_kwargs["data_dir"] = folders
     config = IclSerEpisodesConfig(**config_kwargs)  # validate every setting before reading the corpus
     utterances = read_corpora(config.specs(), **corpus_options)
+    if content_disjoint:
+        require_texts(utterances)  # e.g. a manifest without a text column
     builder = IclSerEpisodes(
         cache_dir=str(Path(cache_dir) if cache_dir is not None else default_cache_root() / "episodes"),
         dataset_name="icl_ser_episodes",
-        hash=_table_fingerprint(utterances),
+        hash=_table_fingerprint(utterances, content_disjoint),
         **config_kwargs,
     )
     builder.preloaded_utterances = utterances

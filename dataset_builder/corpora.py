@@ -2,8 +2,10 @@
 
 :func:`read_corpus` turns a corpus folder (or a manifest, or the embedded synthetic corpus)
 into a :class:`datasets.Dataset` with the columns of :data:`UTTERANCE_FEATURES`:
-``id, path, speaker, emotion, original_label, corpus, duration``. ``emotion`` is the
-canonical word (:mod:`dataset_builder.vocabulary`), ``original_label`` the corpus' own.
+``id, path, speaker, emotion, original_label, corpus, duration, text``. ``emotion`` is the
+canonical word (:mod:`dataset_builder.vocabulary`), ``original_label`` the corpus' own,
+``text`` a key of the sentence spoken (the same for every utterance of one scripted sentence;
+None where a corpus has no fixed sentences), which content-disjoint episodes compare.
 
 Readers never stop halfway on a bad file: an unreadable file, an unknown label, a name
 that does not follow the corpus' convention or a missing file is *skipped and reported*.
@@ -45,8 +47,13 @@ UTTERANCE_FEATURES = datasets.Features(
         "original_label": datasets.Value("string"),
         "corpus": datasets.Value("string"),
         "duration": datasets.Value("float64"),
+        "text": datasets.Value("string"),  # sentence key; None without fixed sentences
     }
 )
+
+#: Corpora whose readers give no ``text`` (no fixed sentences); a manifest has texts only
+#: with a ``text`` column.
+TEXTLESS_CORPORA = ("iemocap", "synthetic")
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
 
@@ -101,6 +108,13 @@ ASED_EMOTIONS = {
     "s4": "sadness",
     "a5": "anger",
 }
+# RAVDESS: the statement field SS of MM-VV-EE-II-SS-RR-AA.
+RAVDESS_STATEMENTS = {
+    "01": "Kids are talking by the door",
+    "02": "Dogs are sitting by the door",
+}
+#: ESD records the same sentences in every emotion block of this many files.
+ESD_SENTENCES = 350
 # emotiontts-ko: the hundreds digit of the file number (read off the scripts, see its README).
 EMOTIONTTS_KO_EMOTIONS = {
     "0": "neutral",
@@ -142,8 +156,9 @@ class CorpusReport:
 
 
 # A reader's candidate rows before the header check: id, path, speaker, emotion,
-# original_label (corpus is added by the caller; duration after the header check).
-_Candidate = dict[str, str]
+# original_label and, where known, text (corpus is added by the caller; duration after the
+# header check).
+_Candidate = dict[str, Optional[str]]
 _ScanResult = tuple[list[_Candidate], list[SkippedFile]]
 
 
@@ -170,7 +185,7 @@ def _scan_ravdess(root: Path) -> _ScanResult:
         if not match:
             skipped.append(SkippedFile(str(path), "bad_name", "name is not MM-VV-EE-II-SS-RR-AA"))
             continue
-        modality, channel, emotion, _, _, _, actor = match.groups()
+        modality, channel, emotion, _, statement, _, actor = match.groups()
         if modality != "03" or channel != "01":
             # 01/02 are the video files, vocal channel 02 is song.
             skipped.append(
@@ -192,6 +207,7 @@ def _scan_ravdess(root: Path) -> _ScanResult:
                 "speaker": speaker,
                 "emotion": RAVDESS_EMOTIONS[emotion],
                 "original_label": emotion,
+                "text": RAVDESS_STATEMENTS.get(statement, f"ravdess statement {statement}"),
             }
         )
     return rows, skipped
@@ -205,7 +221,7 @@ def _scan_cremad(root: Path) -> _ScanResult:
         if not match:
             skipped.append(SkippedFile(str(path), "bad_name", "name is not SSSS_SEN_EMO_LV"))
             continue
-        speaker, _, label, _ = match.groups()
+        speaker, sentence, label, _ = match.groups()
         if label.upper() not in CREMAD_EMOTIONS:
             skipped.append(SkippedFile(str(path), "unknown_label", f"unknown emotion code {label!r}"))
             continue
@@ -216,6 +232,7 @@ def _scan_cremad(root: Path) -> _ScanResult:
                 "speaker": speaker,
                 "emotion": CREMAD_EMOTIONS[label.upper()],
                 "original_label": label.upper(),
+                "text": f"cremad sentence {sentence.upper()}",
             }
         )
     return rows, skipped
@@ -230,7 +247,7 @@ def _scan_emodb(root: Path) -> _ScanResult:
         if not match:
             skipped.append(SkippedFile(str(path), "bad_name", "name is not SSTTTEv (e.g. 03a01Fa)"))
             continue
-        speaker, _, letter, _ = match.groups()
+        speaker, text, letter, _ = match.groups()
         if letter not in EMODB_EMOTIONS:
             skipped.append(SkippedFile(str(path), "unknown_label", f"unknown emotion letter {letter!r}"))
             continue
@@ -241,6 +258,7 @@ def _scan_emodb(root: Path) -> _ScanResult:
                 "speaker": speaker,
                 "emotion": EMODB_EMOTIONS[letter],
                 "original_label": letter,
+                "text": f"emodb text {text}",
             }
         )
     return rows, skipped
@@ -309,9 +327,19 @@ def _scan_esd(root: Path) -> _ScanResult:
                 "speaker": speaker,
                 "emotion": ESD_EMOTIONS[folder.lower()],
                 "original_label": folder,
+                "text": _esd_sentence(_stem(path)),
             }
         )
     return rows, skipped
+
+
+def _esd_sentence(stem: str) -> Optional[str]:
+    """``0011_000351`` -> ``"esd sentence 001"``: each emotion block of 350 files repeats the
+    same sentences in order; None for a name without the six-digit index."""
+    match = re.fullmatch(r".*_(\d{6})", stem)
+    if not match or int(match.group(1)) < 1:
+        return None
+    return f"esd sentence {(int(match.group(1)) - 1) % ESD_SENTENCES + 1:03d}"
 
 
 def _scan_ased(root: Path) -> _ScanResult:
@@ -323,7 +351,7 @@ def _scan_ased(root: Path) -> _ScanResult:
         if not match:
             skipped.append(SkippedFile(str(path), "bad_name", "name is not xn-yy-aa-gg-bb (e.g. n1-01-01-01-01)"))
             continue
-        code, _, _, _, speaker = match.groups()
+        code, sentence, _, _, speaker = match.groups()
         if code.lower() not in ASED_EMOTIONS:
             skipped.append(SkippedFile(str(path), "unknown_label", f"unknown emotion code {code!r}"))
             continue
@@ -335,6 +363,7 @@ def _scan_ased(root: Path) -> _ScanResult:
                 "speaker": speaker,
                 "emotion": ASED_EMOTIONS[code.lower()],
                 "original_label": code,
+                "text": f"ased sentence {sentence}",  # the words are not given; a key per sentence
             }
         )
     return rows, skipped
@@ -364,6 +393,8 @@ def _scan_emotiontts_ko(root: Path) -> _ScanResult:
                 "speaker": speaker,
                 "emotion": EMOTIONTTS_KO_EMOTIONS[code[2]],
                 "original_label": code,
+                # Which scripts repeat is not documented: each file number is its own sentence.
+                "text": match.group(1),
             }
         )
     return rows, skipped
@@ -472,6 +503,7 @@ def _scan_manifest(manifest: Path, corpus: str = "manifest") -> _ScanResult:
                 "emotion": normalize_emotion(label),
                 "original_label": label,
                 "corpus": row_corpus,
+                "text": str(row.get("text") or "").strip() or None,  # optional column
             }
         )
     return rows, skipped
@@ -498,6 +530,19 @@ def check_corpus_name(name: str) -> str:
     if name not in CORPORA:
         raise ValueError(f"Unknown corpus {name!r}; use one of {', '.join(CORPORA)} (for any other corpus, write a manifest).")
     return name
+
+
+def check_texts_known(names) -> None:
+    """Raise ``ValueError`` for a corpus whose reader gives no ``text`` (content-disjoint
+    episodes need one), before anything is read."""
+    textless = [name for name in names if name in TEXTLESS_CORPORA]
+    if textless:
+        with_texts = ", ".join(name for name in CORPORA if name not in TEXTLESS_CORPORA)
+        raise ValueError(
+            f"content_disjoint needs each utterance's sentence (`text`), but {', '.join(map(repr, textless))} "
+            f"has no fixed sentences; corpora with texts: {with_texts} (a manifest needs a `text` column). "
+            "Drop content_disjoint or choose such a corpus."
+        )
 
 
 def read_corpus(
@@ -567,6 +612,7 @@ def read_corpus(
         seen.add(row["id"])
         table["corpus"].append(row.get("corpus", name))
         table["duration"].append(duration)
+        table["text"].append(row.get("text"))  # None where the corpus has no fixed sentences
         for column in ("id", "path", "speaker", "emotion", "original_label"):
             table[column].append(row[column])
 

@@ -13,6 +13,11 @@ The query never appears among its own enrollment utterances. Enrollment modes:
   random order, so K enrollments cover ``min(K, n_emotions)`` emotions;
 * ``exclude_query_class`` - like ``arbitrary``, but no enrollment has the query's emotion.
 
+Orthogonal to the mode, ``content_disjoint=True`` keeps every enrollment utterance whose
+``text`` (the sentence spoken) equals the query's out of the enrollment: acted corpora record
+each sentence in every emotion, and pooled encoder features cluster by sentence, so an
+enrollment holding the query's sentence lets nearest-neighbour matching follow the words.
+
 Evaluation uses fixed episodes (:func:`fixed_episodes`); training draws fresh ones on the
 fly with :class:`EpisodeSampler`. Both are deterministic functions of the seed: episode
 ``i`` of a sampler and the episodes of a speaker each have their own random generator, so
@@ -24,7 +29,7 @@ from __future__ import annotations
 import logging
 import zlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -50,23 +55,68 @@ def _speaker_seed(speaker: str) -> int:
     return zlib.crc32(speaker.encode("utf-8"))
 
 
+TEXTS_HINT = (
+    "content-disjoint episodes need every utterance's sentence (the `text` column): ravdess, cremad, "
+    "emodb, esd, ased and emotiontts-ko have it, iemocap and synthetic do not; for a manifest add a "
+    "`text` column. Or drop content_disjoint."
+)
+
+
+def require_texts(utterances: Iterable[Mapping[str, Any]]) -> None:
+    """Raise ``ValueError`` naming the corpora whose utterances lack a ``text``.
+
+    Content-disjoint episodes compare sentences, so every utterance needs one.
+    """
+    if hasattr(utterances, "column_names"):
+        if "text" not in utterances.column_names:
+            raise ValueError(f"The utterance table has no `text` column; {TEXTS_HINT}")
+        corpora = utterances["corpus"] if "corpus" in utterances.column_names else [None] * utterances.num_rows
+        pairs = zip(corpora, utterances["text"])
+    else:
+        pairs = ((row.get("corpus"), row.get("text")) for row in utterances)
+    missing = Counter(corpus or "?" for corpus, text in pairs if text is None)
+    if missing:
+        named = ", ".join(f"{corpus!r} ({count} utterances)" for corpus, count in sorted(missing.items()))
+        raise ValueError(f"Utterances without text in corpus {named}; {TEXTS_HINT}")
+
+
 @dataclass(frozen=True)
 class SpeakerPool:
-    """One speaker's utterances (ids sorted) and their emotions."""
+    """One speaker's utterances (ids sorted), their emotions and their texts (sentence keys,
+    None where unknown; empty when not given)."""
 
     speaker: str
     ids: tuple[str, ...]
     emotions: tuple[str, ...]
+    texts: tuple[Optional[str], ...] = ()
+    # mode -> _candidate_counts (the sampler asks once per episode)
+    _counts: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
-    def max_k(self, mode: str) -> int:
+    def _candidate_counts(self, mode: str) -> np.ndarray:
+        """For each utterance as the query: how many content-disjoint enrollment candidates it has."""
+        if mode not in self._counts:
+            if len(self.texts) != len(self.ids) or any(text is None for text in self.texts):
+                raise ValueError(f"Speaker {self.speaker!r} has utterances without text; {TEXTS_HINT}")
+            texts, emotions = np.array(self.texts, dtype=object), np.array(self.emotions, dtype=object)
+            allowed = texts[:, None] != texts[None, :]  # also excludes the query itself
+            if mode == "exclude_query_class":
+                allowed &= emotions[:, None] != emotions[None, :]
+            self._counts[mode] = allowed.sum(axis=1)
+        return self._counts[mode]
+
+    def max_k(self, mode: str, content_disjoint: bool = False) -> int:
         """The largest K for which this speaker can form at least one episode in ``mode``."""
+        if content_disjoint:
+            return int(self._candidate_counts(mode).max(initial=0))
         if mode == "exclude_query_class":
             counts = Counter(self.emotions)
             return len(self.ids) - min(counts.values())  # query from the rarest emotion
         return len(self.ids) - 1
 
-    def query_candidates(self, k: int, mode: str) -> np.ndarray:
+    def query_candidates(self, k: int, mode: str, content_disjoint: bool = False) -> np.ndarray:
         """Indices of the utterances that can be the query of a K-shot episode."""
+        if content_disjoint:
+            return np.flatnonzero(self._candidate_counts(mode) >= k).astype(int)
         if mode == "exclude_query_class":
             counts = Counter(self.emotions)
             return np.array([i for i, e in enumerate(self.emotions) if len(self.ids) - counts[e] >= k], dtype=int)
@@ -74,30 +124,38 @@ class SpeakerPool:
 
 
 def build_pools(utterances: Iterable[Mapping[str, Any]]) -> dict[str, SpeakerPool]:
-    """Group an utterance table (rows with ``id``, ``speaker``, ``emotion``) by speaker."""
-    if hasattr(utterances, "column_names"):  # a datasets.Dataset: read the three columns at once
+    """Group an utterance table (rows with ``id``, ``speaker``, ``emotion``, optional ``text``) by speaker."""
+    if hasattr(utterances, "column_names"):  # a datasets.Dataset: read the columns at once
+        texts = utterances["text"] if "text" in utterances.column_names else [None] * utterances.num_rows
         rows: Iterable[Mapping[str, Any]] = (
-            {"id": i, "speaker": s, "emotion": e}
-            for i, s, e in zip(utterances["id"], utterances["speaker"], utterances["emotion"])
+            {"id": i, "speaker": s, "emotion": e, "text": t}
+            for i, s, e, t in zip(utterances["id"], utterances["speaker"], utterances["emotion"], texts)
         )
     else:
         rows = utterances
-    grouped: dict[str, list[tuple[str, str]]] = {}
+    grouped: dict[str, list[tuple[str, str, Optional[str]]]] = {}
     for row in rows:
-        grouped.setdefault(row["speaker"], []).append((row["id"], row["emotion"]))
+        grouped.setdefault(row["speaker"], []).append((row["id"], row["emotion"], row.get("text")))
     pools = {}
     for speaker, items in sorted(grouped.items()):
-        items.sort()
-        pools[speaker] = SpeakerPool(speaker, tuple(i for i, _ in items), tuple(e for _, e in items))
+        items.sort(key=lambda item: item[:2])  # by (id, emotion), as before texts existed
+        pools[speaker] = SpeakerPool(
+            speaker, tuple(i for i, _, _ in items), tuple(e for _, e, _ in items), tuple(t for _, _, t in items)
+        )
     return pools
 
 
-def draw_enrollment(pool: SpeakerPool, query: int, k: int, mode: str, rng: np.random.Generator) -> list[int]:
-    """Indices of K enrollment utterances for ``query`` (never the query itself)."""
+def draw_enrollment(
+    pool: SpeakerPool, query: int, k: int, mode: str, rng: np.random.Generator, content_disjoint: bool = False
+) -> list[int]:
+    """Indices of K enrollment utterances for ``query`` (never the query itself; with
+    ``content_disjoint``, none with the query's text)."""
     if mode == "exclude_query_class":
         candidates = [i for i in range(len(pool.ids)) if pool.emotions[i] != pool.emotions[query]]
     else:
         candidates = [i for i in range(len(pool.ids)) if i != query]
+    if content_disjoint:
+        candidates = [i for i in candidates if pool.texts[i] != pool.texts[query]]
     if k > len(candidates):
         raise ValueError(
             f"Speaker {pool.speaker!r} has {len(candidates)} possible enrollment utterances for this query, "
@@ -120,9 +178,11 @@ def draw_enrollment(pool: SpeakerPool, query: int, k: int, mode: str, rng: np.ra
     return [chosen[j] for j in rng.permutation(len(chosen))]  # no emotion order in the prompt
 
 
-def make_episode(pool: SpeakerPool, query: int, k: int, mode: str, rng: np.random.Generator) -> dict[str, Any]:
+def make_episode(
+    pool: SpeakerPool, query: int, k: int, mode: str, rng: np.random.Generator, content_disjoint: bool = False
+) -> dict[str, Any]:
     """One episode dict for ``query`` (an index into ``pool``)."""
-    enrollment = draw_enrollment(pool, query, k, mode, rng)
+    enrollment = draw_enrollment(pool, query, k, mode, rng, content_disjoint)
     return {
         "speaker": pool.speaker,
         "enrollment_ids": [pool.ids[i] for i in enrollment],
@@ -155,23 +215,26 @@ def permute_labels(episode: Mapping[str, Any], words: Sequence[str], rng: np.ran
     }
 
 
-def usable_pools(pools: Mapping[str, SpeakerPool], k: int, mode: str, context: str = "") -> dict[str, SpeakerPool]:
+def usable_pools(
+    pools: Mapping[str, SpeakerPool], k: int, mode: str, context: str = "", content_disjoint: bool = False
+) -> dict[str, SpeakerPool]:
     """The pools that allow K-shot episodes in ``mode``; the others are skipped with a warning.
 
     Raises:
-        ValueError: if no speaker allows ``k`` (K is larger than any speaker allows).
+        ValueError: if no speaker allows ``k`` (K is larger than any speaker allows), or
+            ``content_disjoint`` with utterances that have no text.
     """
-    usable = {s: p for s, p in pools.items() if p.max_k(mode) >= k}
+    max_k = {s: p.max_k(mode, content_disjoint) for s, p in pools.items()}
+    usable = {s: p for s, p in pools.items() if max_k[s] >= k}
     skipped = sorted(set(pools) - set(usable))
+    what = f"mode {mode!r}" + (", content-disjoint" if content_disjoint else "")
     if not usable:
-        best = max((p.max_k(mode) for p in pools.values()), default=0)
-        raise ValueError(
-            f"k={k} is larger than any speaker allows in mode {mode!r}{context} (at most k={best}); lower k."
-        )
+        best = max(max_k.values(), default=0)
+        raise ValueError(f"k={k} is larger than any speaker allows in {what}{context} (at most k={best}); lower k.")
     if skipped:
         logger.warning(
-            "Skipping %d speaker(s) with too few utterances for k=%d in mode %r%s: %s",
-            len(skipped), k, mode, context, ", ".join(skipped),
+            "Skipping %d speaker(s) with too few utterances for k=%d in %s%s: %s",
+            len(skipped), k, what, context, ", ".join(skipped),
         )
     return usable
 
@@ -182,17 +245,19 @@ def fixed_episodes(
     mode: str,
     seed: int = 0,
     episodes_per_speaker: Optional[int] = None,
+    content_disjoint: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Reproducible episodes for every pool (speakers in sorted order).
 
     Each speaker's queries are its eligible utterances in a seeded random order: with
     ``episodes_per_speaker=None`` every eligible utterance is the query once; with a number,
-    the order is cycled (reshuffled each pass) until that many episodes are made.
+    the order is cycled (reshuffled each pass) until that many episodes are made. With
+    ``content_disjoint`` no enrollment utterance has the query's text.
     """
     for speaker in sorted(pools):
         pool = pools[speaker]
         rng = np.random.default_rng([seed, _FIXED_SALT, _speaker_seed(speaker)])
-        candidates = pool.query_candidates(k, mode)
+        candidates = pool.query_candidates(k, mode, content_disjoint)
         if len(candidates) == 0:
             continue
         count = len(candidates) if episodes_per_speaker is None else episodes_per_speaker
@@ -200,7 +265,7 @@ def fixed_episodes(
         while len(queries) < count:
             queries.extend(int(i) for i in rng.permutation(candidates))
         for query in queries[:count]:
-            yield make_episode(pool, query, k, mode, rng)
+            yield make_episode(pool, query, k, mode, rng, content_disjoint)
 
 
 KRange = Union[int, tuple[int, int]]
@@ -230,11 +295,14 @@ class EpisodeSampler:
             use its context; the other episodes keep the true words (and the prior). Episodes
             the context cannot answer (K = 0, or no enrollment utterance of the query's emotion)
             are never permuted: there the permuted word would be label noise.
+        content_disjoint: No enrollment utterance has the query's ``text`` (needs a text for
+            every utterance).
 
     Speakers too small for the largest K are skipped with a warning.
 
     Raises:
-        ValueError: bad ``k`` or ``mode``, unknown speakers, or no speaker large enough.
+        ValueError: bad ``k`` or ``mode``, unknown speakers, no speaker large enough, or
+            ``content_disjoint`` with utterances that have no text.
     """
 
     def __init__(
@@ -245,8 +313,10 @@ class EpisodeSampler:
         mode: str = "arbitrary",
         seed: int = 0,
         permuted_label_share: float = 0.0,
+        content_disjoint: bool = False,
     ) -> None:
         self.mode = check_mode(mode)
+        self.content_disjoint = bool(content_disjoint)
         if not 0.0 <= float(permuted_label_share) <= 1.0:
             raise ValueError(f"permuted_label_share must be between 0 and 1, got {permuted_label_share}.")
         self.permuted_label_share = float(permuted_label_share)
@@ -263,7 +333,9 @@ class EpisodeSampler:
             pools = {s: pools[s] for s in sorted(set(speakers))}
         if not pools:
             raise ValueError("The utterance table is empty; the sampler needs at least one speaker.")
-        self.pools = usable_pools(pools, high, mode, context=" (EpisodeSampler)")
+        if self.content_disjoint:
+            require_texts(utterances)
+        self.pools = usable_pools(pools, high, mode, context=" (EpisodeSampler)", content_disjoint=self.content_disjoint)
         self._speakers = sorted(self.pools)
         self._step = 0
 
@@ -272,9 +344,9 @@ class EpisodeSampler:
         rng = np.random.default_rng([self.seed, _SAMPLER_SALT, index])
         pool = self.pools[self._speakers[int(rng.integers(len(self._speakers)))]]
         k = int(rng.integers(self.k_range[0], self.k_range[1] + 1))
-        candidates = pool.query_candidates(k, self.mode)
+        candidates = pool.query_candidates(k, self.mode, self.content_disjoint)
         query = int(candidates[int(rng.integers(len(candidates)))])
-        episode = make_episode(pool, query, k, self.mode, rng)
+        episode = make_episode(pool, query, k, self.mode, rng, self.content_disjoint)
         if self.permuted_label_share:
             # Its own stream, so the episodes themselves match a sampler without permutation.
             permute_rng = np.random.default_rng([self.seed, _PERMUTATION_SALT, index])
@@ -302,6 +374,7 @@ class EpisodeSampler:
             "mode": self.mode,
             "speakers": list(self._speakers),
             "permuted_label_share": self.permuted_label_share,
+            "content_disjoint": self.content_disjoint,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -311,8 +384,9 @@ class EpisodeSampler:
             ValueError: if the state was saved by a sampler with other settings.
         """
         mine = self.state_dict()
-        state = {"permuted_label_share": 0.0, **state}  # states saved before the option existed
-        for key in ("seed", "k_range", "mode", "speakers", "permuted_label_share"):
+        # states saved before the options existed
+        state = {"permuted_label_share": 0.0, "content_disjoint": False, **state}
+        for key in ("seed", "k_range", "mode", "speakers", "permuted_label_share", "content_disjoint"):
             saved = list(state[key]) if isinstance(state[key], (list, tuple)) else state[key]
             if saved != mine[key]:
                 raise ValueError(

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional, Sequence
 import datasets
 
 from .corpora import check_corpus_name, read_corpus
-from .episodes import build_pools, fixed_episodes, usable_pools
+from .episodes import build_pools, fixed_episodes, require_texts, usable_pools
 from .splits import split_speakers
 from .virtual_speakers import real_speaker
 
@@ -147,16 +147,21 @@ def episode_splits(
     mode: str,
     seed: int = 0,
     episodes_per_speaker: Optional[int] = None,
+    content_disjoint: bool = False,
 ) -> dict[str, list[dict[str, Any]]]:
     """The fixed episodes of every split at once (what :func:`build_episodes` stores).
 
     Speakers too small for ``k`` are skipped with one warning for the whole table; each
-    split's episodes are then those :func:`split_episodes` gives for its speakers.
+    split's episodes are then those :func:`split_episodes` gives for its speakers. With
+    ``content_disjoint`` no enrollment utterance has the query's ``text``.
 
     Raises:
-        ValueError: no speaker allows ``k`` in ``mode``, or a split is left without one.
+        ValueError: no speaker allows ``k`` in ``mode``, a split is left without one, or
+            ``content_disjoint`` with a corpus that has no texts.
     """
-    usable = usable_pools(build_pools(table), k, mode)
+    if content_disjoint:
+        require_texts(table)
+    usable = usable_pools(build_pools(table), k, mode, content_disjoint=content_disjoint)
     episodes = {}
     for split, speakers in splits.items():
         split_pools = {s: usable[s] for s in speakers if s in usable}
@@ -165,7 +170,8 @@ def episode_splits(
                 f"The {split} split is empty: none of its speakers {list(speakers)} has enough utterances "
                 f"for k={k} in mode {mode!r}. Lower k or choose other {split} speakers."
             )
-        episodes[split] = _numbered_episodes(split_pools, table, specs, split, k, mode, seed, episodes_per_speaker)
+        episodes[split] = _numbered_episodes(split_pools, table, specs, split, k, mode, seed, episodes_per_speaker,
+                                             content_disjoint)
     return episodes
 
 
@@ -178,27 +184,34 @@ def split_episodes(
     mode: str,
     seed: int = 0,
     episodes_per_speaker: Optional[int] = None,
+    content_disjoint: bool = False,
 ) -> list[dict[str, Any]]:
     """The fixed episodes of ``speakers`` (one split), as :func:`build_episodes` makes them.
 
     For one corpus these are the episodes of ``build_episodes(...)[split]`` with the same split
-    (same seed, same speakers); with several, each also carries its corpus' ``labels``.
+    (same seed, same speakers); with several, each also carries its corpus' ``labels``. With
+    ``content_disjoint`` no enrollment utterance has the query's ``text``.
 
     Raises:
-        ValueError: no speaker, or no speaker with enough utterances for ``k`` in ``mode``.
+        ValueError: no speaker, no speaker with enough utterances for ``k`` in ``mode``, or
+            ``content_disjoint`` with a corpus that has no texts.
     """
     if not speakers:
         raise ValueError(f"The {split} split has no speaker; choose {split} speakers.")
+    if content_disjoint:
+        require_texts(table)
     pools = build_pools(table)
-    usable = usable_pools({s: pools[s] for s in speakers}, k, mode, context=f" ({split} speakers)")
-    return _numbered_episodes(usable, table, specs, split, k, mode, seed, episodes_per_speaker)
+    usable = usable_pools({s: pools[s] for s in speakers}, k, mode, context=f" ({split} speakers)",
+                          content_disjoint=content_disjoint)
+    return _numbered_episodes(usable, table, specs, split, k, mode, seed, episodes_per_speaker, content_disjoint)
 
 
-def _numbered_episodes(pools, table, specs, split, k, mode, seed, episodes_per_speaker) -> list[dict[str, Any]]:
+def _numbered_episodes(pools, table, specs, split, k, mode, seed, episodes_per_speaker,
+                       content_disjoint=False) -> list[dict[str, Any]]:
     """:func:`fixed_episodes` of ``pools`` with ids (``split/speaker/00000``), corpus and labels."""
     sets = label_sets(table, specs)
     episodes, counters = [], {}
-    for episode in fixed_episodes(pools, k, mode, seed, episodes_per_speaker):
+    for episode in fixed_episodes(pools, k, mode, seed, episodes_per_speaker, content_disjoint):
         number = counters[episode["speaker"]] = counters.get(episode["speaker"], -1) + 1
         corpus = corpus_of(episode["speaker"]) if sets is not None else specs[0][0]
         identity = {"episode_id": f"{split}/{episode['speaker']}/{number:05d}", "corpus": corpus}

@@ -164,7 +164,8 @@ def add_virtual_speakers(
     for (row, name, _), (path, seconds) in zip(jobs, rendered):
         suffix = name[len(row["speaker"]):]  # "@v<j>"
         added.append({**row, "id": f"{row['id']}{suffix}", "speaker": name, "path": path, "duration": float(seconds)})
-    return Dataset.from_list(rows + added)
+    # The source table's features, so that a column of all-None texts keeps its string type.
+    return Dataset.from_list(rows + added, features=getattr(utterances, "features", None))
 
 
 def _render_all(jobs: list[tuple[str, VoiceTransform]], folder: Path, show_progress: bool) -> list[tuple[str, float]]:

@@ -72,6 +72,9 @@ def test_ravdess_fixture(ravdess_dir: Path, caplog: pytest.LogCaptureFixture) ->
     assert rows["ravdess/Actor_02/03-01-08-01-01-01-02"]["emotion"] == "surprise"
     assert rows["ravdess/Actor_02/03-01-06-01-01-01-02"]["emotion"] == "fear"
     assert rows["ravdess/Actor_01/03-01-03-01-02-01-01"]["duration"] == pytest.approx(0.5, abs=1e-3)
+    # The statement field SS: 01 kids, 02 dogs.
+    assert rows["ravdess/Actor_01/03-01-05-02-01-02-01"]["text"] == "Kids are talking by the door"
+    assert rows["ravdess/Actor_01/03-01-03-01-02-01-01"]["text"] == "Dogs are sitting by the door"
     assert set(table["speaker"]) == {"Actor_01", "Actor_02"}
     assert set(table["corpus"]) == {"ravdess"}
     assert kinds(report) == {"unreadable": 1, "unknown_label": 1, "not_speech": 1, "bad_name": 1}
@@ -113,6 +116,11 @@ def test_cremad(tmp_path: Path) -> None:
     }
     assert sorted(set(table["speaker"])) == ["1001", "1002"]
     assert kinds(report) == {"unknown_label": 1, "unreadable": 1}
+    assert dict(zip(table["id"], table["text"])) == {
+        "cremad/1001_DFA_ANG_XX": "cremad sentence DFA",
+        "cremad/1001_IEO_HAP_HI": "cremad sentence IEO",
+        "cremad/1002_DFA_NEU_XX": "cremad sentence DFA",
+    }
 
 
 # ----------------------------------------------------------------------------- EmoDB
@@ -127,6 +135,8 @@ def test_emodb(tmp_path: Path) -> None:
     assert rows["emodb/03a01Fa"]["emotion"] == "happiness" and rows["emodb/03a01Fa"]["speaker"] == "03"
     assert rows["emodb/08b02Wb"]["emotion"] == "anger" and rows["emodb/08b02Wb"]["original_label"] == "W"
     assert rows["emodb/10a05La"]["emotion"] == "boredom"
+    assert [rows[i]["text"] for i in ("emodb/03a01Fa", "emodb/08b02Wb", "emodb/10a05La")] == [
+        "emodb text a01", "emodb text b02", "emodb text a05"]
     assert kinds(report) == {"unknown_label": 1}
 
 
@@ -158,6 +168,7 @@ def test_iemocap(tmp_path: Path) -> None:
     assert rows["iemocap/Ses01F_impro01_F003"]["emotion"] == "happiness"
     assert rows["iemocap/Ses01F_impro01_F003"]["original_label"] == "exc"
     assert rows["iemocap/Ses01F_impro01_M004"]["speaker"] == "Ses01M"
+    assert set(table["text"]) == {None}  # improvised and scripted dialogues: no repeated sentences
     assert rows["iemocap/Ses01F_impro01_F000"]["speaker"] == "Ses01F"
     assert kinds(report) == {"unknown_label": 1, "missing": 1}
 
@@ -180,6 +191,8 @@ def test_esd(tmp_path: Path) -> None:
     }
     assert [rows[i]["emotion"] for i in sorted(rows)] == ["anger", "happiness", "sadness", "surprise"]
     assert rows["esd/0012/Sad/evaluation/0012_001051"]["speaker"] == "0012"
+    # 351, 701, 1051, 1401: the first sentence of each emotion block of 350.
+    assert set(table["text"]) == {"esd sentence 001"}
     assert kinds(report) == {"unknown_label": 1}
 
 
@@ -221,6 +234,7 @@ def test_manifest_formats(tmp_path: Path, suffix: str) -> None:
         assert {Path(p).resolve() for p in table["path"]} == {a.resolve(), b.resolve(), elsewhere.resolve()}
         assert kinds(report) == {"missing": 1, "unknown_label": 1}
         assert len(set(table["id"])) == 3
+        assert set(table["text"]) == {None}  # no text column
 
 
 def test_manifest_missing_column(tmp_path: Path) -> None:
@@ -239,6 +253,15 @@ def test_manifest_id_and_corpus_columns(tmp_path: Path) -> None:
     (tmp_path / "manifest.csv").write_text("id,path,speaker,emotion,corpus\nmine/1,a.wav,s,calm,mycorpus\n")
     table = read_corpus("manifest", tmp_path)
     assert table[0]["id"] == "mine/1" and table[0]["corpus"] == "mycorpus" and table[0]["emotion"] == "calm"
+
+
+def test_manifest_text_column(tmp_path: Path) -> None:
+    write_audio(tmp_path / "a.wav")
+    write_audio(tmp_path / "b.wav")
+    (tmp_path / "manifest.csv").write_text("path,speaker,emotion,text\na.wav,s,calm, Hello there \nb.wav,s,anger,\n")
+    table = read_corpus("manifest", tmp_path)
+    assert table.features == UTTERANCE_FEATURES
+    assert table["text"] == ["Hello there", None]  # stripped; empty is None
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -307,6 +330,8 @@ def test_ased(tmp_path: Path) -> None:
     assert rows["ased/S4-04-02-01-29"]["original_label"] == "S4"
     assert rows["ased/f2-03-02-02-01"]["emotion"] == "fear"
     assert {rows[i]["speaker"] for i in ("ased/a5-01-01-02-09", "ased/a5-01-02-01-09")} == {"09"}
+    assert rows["ased/f2-03-02-02-01"]["text"] == "ased sentence 03"
+    assert rows["ased/a5-01-01-02-09"]["text"] == rows["ased/n1-01-01-01-01"]["text"] == "ased sentence 01"
     assert kinds(report) == Counter({"unknown_label": 1, "bad_name": 1})
     assert set(table["corpus"]) == {"ased"}
 
@@ -329,6 +354,9 @@ def test_emotiontts_ko(tmp_path: Path) -> None:
     assert [rows[i]["emotion"] for i in sorted(rows)] == ["sadness", "anger", "neutral", "happiness"]
     assert rows["emotiontts-ko/emotional-to-emotional/nea/nea00305"]["original_label"] == "003"
     assert set(table["speaker"]) == {"ema", "nea"}
+    # Each file number is its own script (the README does not say which repeat).
+    assert rows["emotiontts-ko/plain-to-emotional/ema/ema00105"]["text"] == "00105"
+    assert len(set(table["text"])) == table.num_rows
     assert kinds(report) == Counter({"unknown_label": 1, "bad_name": 2})
 
 
@@ -369,3 +397,7 @@ def test_real_ravdess() -> None:
     assert len(set(table["id"])) == 1440
     assert Counter(table["speaker"]).most_common()[-1][1] == 60
     assert min(table["duration"]) > 1.0
+    # Two statements, each spoken by every actor in every emotion.
+    texts = Counter(zip(table["speaker"], table["text"]))
+    assert set(texts.values()) == {30} and {text for _, text in texts} == {
+        "Kids are talking by the door", "Dogs are sitting by the door"}

@@ -285,3 +285,101 @@ def test_builder_class_directly(manifest_corpus: Path, tmp_path: Path) -> None:
     via_function = build_episodes("manifest", manifest_corpus, k=2, mode="arbitrary", seed=0, cache_dir=tmp_path / "f")
     for split in via_function:
         assert direct[split].to_list() == via_function[split].to_list()
+
+
+# ----------------------------------------------------------------------------- content-disjoint
+SENTENCES = ("s0", "s1", "s2", "s3")
+
+
+def sentence_table(n_speakers: int = 4, one_sentence_speaker: bool = False) -> list[dict]:
+    """Acted-corpus layout: every speaker says every sentence in every emotion."""
+    rows = [
+        {"id": f"c/s{s}/{e}_{t}", "speaker": f"s{s}", "emotion": e, "text": t, "corpus": "c"}
+        for s in range(n_speakers) for e in EMOTIONS for t in SENTENCES
+    ]
+    if one_sentence_speaker:  # every utterance of the query's sentence: nothing is content-disjoint
+        rows += [{"id": f"c/mono/{e}", "speaker": "mono", "emotion": e, "text": "s0", "corpus": "c"} for e in EMOTIONS]
+    return rows
+
+
+def assert_content_disjoint(episode: dict, text_of: dict, mode: str) -> None:
+    assert all(text_of[i] != text_of[episode["query_id"]] for i in episode["enrollment_ids"]), episode
+    assert episode["query_id"] not in episode["enrollment_ids"]
+    if mode == "exclude_query_class":
+        assert episode["emotion"] not in episode["enrollment_labels"]
+
+
+@pytest.mark.parametrize("mode", ["arbitrary", "balanced", "exclude_query_class"])
+def test_content_disjoint_enrollment_never_holds_the_query_sentence(mode: str) -> None:
+    rows = sentence_table()
+    text_of = {row["id"]: row["text"] for row in rows}
+    pools = build_pools(rows)
+    # 16 utterances: 12 of other sentences; outside the query's emotion too, 3 x 3 = 9.
+    max_k = 9 if mode == "exclude_query_class" else 12
+    assert {pool.max_k(mode, content_disjoint=True) for pool in pools.values()} == {max_k}
+    for k in range(max_k + 1):
+        fixed = list(fixed_episodes(pools, k, mode, seed=1, content_disjoint=True))
+        assert len(fixed) == 4 * 16 and all(len(e["enrollment_ids"]) == k for e in fixed)
+        sampler = EpisodeSampler(rows, k=k, mode=mode, seed=1, content_disjoint=True)
+        for episode in fixed + [next(sampler) for _ in range(30)]:
+            assert_content_disjoint(episode, text_of, mode)
+        if mode == "balanced":  # still covers min(K, emotions) emotions
+            assert all(len(set(e["enrollment_labels"])) == min(k, len(EMOTIONS)) for e in fixed)
+    with pytest.raises(ValueError, match="content-disjoint"):
+        list(EpisodeSampler(rows, k=max_k + 1, mode=mode, content_disjoint=True))
+    sampler = EpisodeSampler(rows, k=(0, max_k), mode=mode, seed=2, content_disjoint=True)
+    for _ in range(200):
+        assert_content_disjoint(next(sampler), text_of, mode)
+
+
+@pytest.mark.parametrize("mode", ["arbitrary", "balanced", "exclude_query_class"])
+def test_content_disjoint_false_changes_nothing(mode: str) -> None:
+    with_texts = sentence_table()
+    without = [{key: value for key, value in row.items() if key != "text"} for row in with_texts]
+    for k in (0, 2, 5):
+        assert list(fixed_episodes(build_pools(with_texts), k, mode, seed=3)) == list(
+            fixed_episodes(build_pools(without), k, mode, seed=3))
+    a = EpisodeSampler(with_texts, k=(0, 8), mode=mode, seed=3)
+    b = EpisodeSampler(without, k=(0, 8), mode=mode, seed=3, content_disjoint=False)
+    assert [next(a) for _ in range(50)] == [next(b) for _ in range(50)]
+    # And the acted table's episodes do share sentences without the option.
+    text_of = {row["id"]: row["text"] for row in with_texts}
+    assert any(text_of[i] == text_of[e["query_id"]] for e in fixed_episodes(build_pools(with_texts), 4, mode)
+               for i in e["enrollment_ids"])
+
+
+def test_content_disjoint_skips_speakers_and_needs_texts(caplog: pytest.LogCaptureFixture) -> None:
+    rows = sentence_table(n_speakers=2, one_sentence_speaker=True)
+    with caplog.at_level(logging.WARNING):
+        sampler = EpisodeSampler(rows, k=(0, 4), content_disjoint=True)
+    assert sorted(sampler.pools) == ["s0", "s1"]
+    assert any("mono" in r.getMessage() and "content-disjoint" in r.getMessage() for r in caplog.records)
+    assert sampler.state_dict()["content_disjoint"] is True
+    plain = EpisodeSampler(rows, k=(0, 4))
+    with pytest.raises(ValueError, match="content_disjoint"):
+        plain.load_state_dict(sampler.state_dict())
+    plain.load_state_dict({key: value for key, value in plain.state_dict().items() if key != "content_disjoint"})
+    with pytest.raises(ValueError, match="larger than any speaker allows"):
+        EpisodeSampler([r for r in rows if r["speaker"] == "mono"], k=1, content_disjoint=True)
+    # No texts: a clear error naming the corpus and the way out.
+    with pytest.raises(ValueError, match=r"corpus 'c' \(96 utterances\).*manifest add a `text` column"):
+        EpisodeSampler([{**row, "text": None, "corpus": "c"} for row in make_table()], content_disjoint=True)
+    with pytest.raises(ValueError, match="without text"):
+        list(fixed_episodes(build_pools(make_table()), 1, "arbitrary", content_disjoint=True))
+
+
+def test_build_episodes_content_disjoint(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="'synthetic' has no fixed sentences.*ravdess"):
+        build_episodes("synthetic", tmp_path / "corpus", k=2, content_disjoint=True, cache_dir=tmp_path / "ep")
+    assert not (tmp_path / "corpus").exists()  # raised before the corpus was generated
+
+
+@pytest.mark.skipif(ravdess_root() is None, reason="real RAVDESS not found (set ICL_SER_RAVDESS)")
+def test_real_ravdess_content_disjoint_episodes() -> None:
+    table = read_corpus("ravdess", ravdess_root())
+    pools = build_pools(table)
+    assert {len(set(pool.texts)) for pool in pools.values()} == {2}  # two statements per actor
+    text_of = dict(zip(table["id"], table["text"]))
+    episodes = list(fixed_episodes(pools, 8, "arbitrary", content_disjoint=True))
+    assert {e["speaker"] for e in episodes} == set(pools) and len(episodes) == table.num_rows
+    assert all(text_of[i] != text_of[e["query_id"]] for e in episodes for i in e["enrollment_ids"])

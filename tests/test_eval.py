@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_multi_corpus import corpora  # noqa: F401  (fixture: an ASED-layout folder and a manifest corpus)
+from test_multi_corpus import acted, corpora  # noqa: F401  (fixtures: ASED-/RAVDESS-layout folders, manifests)
 
 REPO = Path(__file__).resolve().parents[1]
 # Same small corpus as tests/test_train.py (6 speakers: 4 train, 1 validation, 1 test).
@@ -56,6 +56,7 @@ def models(tmp_path_factory):
         (["--offline_encoder", "large"], "Unknown offline encoder 'large'; choose one of tiny.en, base"),
         (["--offline_encoder", "base"], "drop it with --model, --audio_encoder or --tiny"),
         (["--eval_split", "validation", "--model", str(REPO), "--update_model_card"], "drop it with --eval_split"),
+        (["--content_disjoint"], "'synthetic' has no fixed sentences"),
     ],
 )
 def test_bad_inputs_fail_before_any_work(args, message, tmp_path):
@@ -205,3 +206,23 @@ def test_two_corpora_in_domain_scores_each_episode_over_its_own_labels(corpora, 
     for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines():
         prediction = json.loads(line)
         assert prediction["prediction"] in own[prediction["speaker"].split("/")[0]]
+
+
+def test_content_disjoint_test_episodes(acted, tmp_path):
+    sys.path.insert(0, str(REPO))
+    from eval import parse_arguments, prepare_data
+
+    # 8 utterances per actor: 4 of the other statement, 3 of them outside the query's emotion.
+    flags = ["--corpus", "ravdess", "--data_dir", str(acted["ravdess"]), "--k", "0", "3",
+             "--mode", "arbitrary", "exclude_query_class", "--content_disjoint", "--tiny"]
+    data = prepare_data(parse_arguments(flags))
+    text_of = dict(zip(data["table"]["id"], data["table"]["text"]))
+    assert {key: len(episodes) for key, episodes in data["episodes"].items()} == {
+        (mode, k): 8 for mode in ("arbitrary", "exclude_query_class") for k in (0, 3)}  # one test actor
+    for episodes in data["episodes"].values():
+        for episode in episodes:
+            assert all(text_of[i] != text_of[episode["query_id"]] for i in episode["enrollment_ids"])
+    report = run_eval([*flags, "--methods", "prototypes", "--n_bootstrap", "20", "--baseline_train_steps", "20",
+                       "--output_dir", str(tmp_path)])
+    assert report["settings"]["content_disjoint"] is True
+    assert "`arbitrary` content-disjoint enrollment" in (tmp_path / "results.md").read_text()

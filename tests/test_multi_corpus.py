@@ -172,3 +172,81 @@ def test_build_episodes_of_two_corpora(corpora):
     assert not (speakers[0] & speakers[1] or speakers[0] & speakers[2] or speakers[1] & speakers[2])
     with pytest.raises(ValueError, match="mode"):
         build_episodes("ased,manifest", f"{corpora['ased']},{corpora['manifest']}", mode="random")
+
+
+# ----------------------------------------------------------------------------- content-disjoint
+RAVDESS_CODES = ("01", "03", "04", "05")  # neutral, happiness, sadness, anger
+
+
+@pytest.fixture(scope="module")
+def acted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A RAVDESS-layout folder (3 actors x 4 emotions x 2 statements) and a manifest with a
+    text column (3 speakers x 3 emotions x 2 sentences): each sentence in every emotion."""
+    root = tmp_path_factory.mktemp("acted")
+    for actor in range(1, 4):
+        for emotion in RAVDESS_CODES:
+            for statement in ("01", "02"):
+                name = f"03-01-{emotion}-01-{statement}-01-{actor:02d}.wav"
+                write_audio(root / "ravdess" / f"Actor_{actor:02d}" / name, seconds=0.1, seed=actor)
+    lines = ["path,speaker,emotion,text"]
+    for speaker in range(1, 4):
+        for emotion in ("calm", "happiness", "pride"):
+            for sentence in ("hello", "goodbye"):
+                relative = f"{speaker:02d}/{emotion}_{sentence}.wav"
+                write_audio(root / "other" / relative, seconds=0.1, seed=speaker)
+                lines.append(f"{relative},{speaker:02d},{emotion},{sentence}")
+    (root / "other" / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return {"ravdess": root / "ravdess", "manifest": root / "other"}
+
+
+def test_content_disjoint_episodes_of_two_corpora(acted, corpora, tmp_path):
+    names, folders = "ravdess,manifest", f"{acted['ravdess']},{acted['manifest']}"
+    specs = parse_corpora(names, folders)
+    table = read_corpora(specs)
+    text_of = dict(zip(table["id"], table["text"]))
+    splits = split_corpora(table, specs, seed=0)
+    for mode, k in (("arbitrary", 3), ("balanced", 3), ("exclude_query_class", 2)):
+        built = build_episodes(names, folders, k=k, mode=mode, content_disjoint=True, cache_dir=tmp_path)
+        direct = {split: split_episodes(table, specs, splits[split], split, k, mode, content_disjoint=True)
+                  for split in built}
+        for split in built:
+            assert built[split].to_list() == direct[split]
+            for episode in direct[split]:
+                assert all(text_of[i] != text_of[episode["query_id"]] for i in episode["enrollment_ids"])
+        # The option keys the cache: the plain build is the one without the option.
+        plain = build_episodes(names, folders, k=k, mode=mode, cache_dir=tmp_path)
+        assert plain["test"].to_list() == build_episodes(names, folders, k=k, mode=mode, content_disjoint=False,
+                                                         cache_dir=tmp_path / "other")["test"].to_list()
+        assert plain["test"].to_list() != built["test"].to_list()
+    with pytest.raises(ValueError, match="larger than any speaker allows in mode 'arbitrary', content-disjoint"):
+        split_episodes(table, specs, splits["test"], "test", 5, "arbitrary", content_disjoint=True)
+    # A manifest without a text column: named, with the fix, before any episode is made.
+    mixed = parse_corpora("ravdess,manifest", f"{acted['ravdess']},{corpora['manifest']}")
+    with pytest.raises(ValueError, match=r"corpus 'manifest' \(24 utterances\).*add a\s+`text` column"):
+        build_episodes("ravdess,manifest", f"{acted['ravdess']},{corpora['manifest']}", k=1, content_disjoint=True,
+                       cache_dir=tmp_path)
+    mixed_table = read_corpora(mixed)
+    with pytest.raises(ValueError, match="'manifest'"):
+        split_episodes(mixed_table, mixed, ["ravdess/Actor_01"], "test", 1, "arbitrary", content_disjoint=True)
+    with pytest.raises(ValueError, match="'iemocap' has no fixed sentences"):
+        build_episodes("ravdess,iemocap", "a,b", content_disjoint=True)
+
+
+def test_train_content_disjoint(acted, tmp_path):
+    sys.path.insert(0, str(REPO))
+    import train
+
+    with pytest.raises(ValueError, match="'synthetic' has no fixed sentences"):
+        train.parse_arguments(["--corpus", "synthetic", "--content_disjoint"])
+    summary = train.main(["--corpus", "ravdess", "--data_dir", str(acted["ravdess"]), "--content_disjoint",
+                          "--tiny", "--virtual_speakers", "1", "--batch_size", "2", "--max_steps", "1",
+                          "--k_max", "4", "--eval_k", "0", "4", "--eval_episodes_per_speaker", "2",
+                          "--log_with", "none", "--output_dir", str(tmp_path)])
+    assert {"val_ua_k0", "val_ua_k4"} <= set(summary["validation"])
+    final = tmp_path / "final"
+    assert '"content_disjoint": true' in (final / "training_args.json").read_text()
+    assert "`arbitrary` content-disjoint enrollment" in (final / "README.md").read_text()
+    # The training sampler gets the option: 4 utterances of the other statement allow K <= 4.
+    with pytest.raises(ValueError, match=r"content-disjoint \(EpisodeSampler\)"):
+        train.main(["--corpus", "ravdess", "--data_dir", str(acted["ravdess"]), "--content_disjoint", "--tiny",
+                    "--virtual_speakers", "0", "--k_max", "5", "--log_with", "none", "--output_dir", str(tmp_path / "x")])

@@ -22,6 +22,7 @@ def test_small_corpus_table(tmp_path: Path) -> None:
     assert set(table["emotion"]) == {"neutral", "anger", "sadness"}
     assert set(table["corpus"]) == {"synthetic"}
     assert "synthetic/spk01/anger_01" in table["id"]
+    assert set(table["text"]) == {None}  # tones, no sentences
     for path, duration in zip(table["path"], table["duration"]):
         info = soundfile.info(path)
         assert info.samplerate == 16000 and info.channels == 1 and info.format == "FLAC"

@@ -66,3 +66,24 @@ def test_table_gets_rendered_rows_for_the_listed_speakers_only(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "virtual").glob("*.flac")} == mtimes
     with pytest.raises(ValueError, match="Unknown speakers"):
         add_virtual_speakers(rows, ["nobody"], 1, cache_dir=tmp_path / "virtual")
+
+
+def test_virtual_speakers_keep_the_source_text(tmp_path):
+    from datasets import Dataset
+
+    from dataset_builder import UTTERANCE_FEATURES
+
+    rows = []
+    for i, emotion in enumerate(("anger", "sadness")):
+        path = tmp_path / f"s1_{i}.wav"
+        sf.write(path, tone(150.0 + 40 * i, 0.5), RATE)
+        rows.append({"id": f"s1_{i}", "path": str(path), "speaker": "s1", "emotion": emotion,
+                     "original_label": emotion, "corpus": "toy", "duration": 0.5, "text": f"sentence {i}"})
+    table = add_virtual_speakers(Dataset.from_list(rows, features=UTTERANCE_FEATURES), ["s1"], 1,
+                                 cache_dir=tmp_path / "virtual")
+    assert dict(zip(table["id"], table["text"])) == {"s1_0": "sentence 0", "s1_1": "sentence 1",
+                                                     "s1_0@v1": "sentence 0", "s1_1@v1": "sentence 1"}
+    # A corpus without sentences keeps a string column of None (not a null-typed one).
+    textless = Dataset.from_list([{**row, "text": None} for row in rows], features=UTTERANCE_FEATURES)
+    table = add_virtual_speakers(textless, ["s1"], 1, cache_dir=tmp_path / "virtual")
+    assert table.features == UTTERANCE_FEATURES and set(table["text"]) == {None}
