@@ -84,7 +84,7 @@ def test_full_tiny_run_writes_all_outputs(models, tmp_path):
                        "--methods", "all", "--k", "0", "2", "--mode", "arbitrary", "balanced",
                        "--labels", *labels, "--episodes_per_speaker", "6",
                        "--update_model_card", "--output_dir", str(out)])
-    methods = ["si", "si_norm", "si_finetune", "prototypes", "speaker_embedding", "slm_no_icl", "icl"]
+    methods = ["si", "si_norm", "si_finetune", "prototypes", "speaker_embedding", "enroll_prototypes", "slm_no_icl", "icl"]
     assert report["methods"] == methods
 
     saved = json.loads((out / "results.json").read_text())
@@ -97,7 +97,7 @@ def test_full_tiny_run_writes_all_outputs(models, tmp_path):
                 "per_speaker_ua", "speaker_ua_min", "speaker_ua_std"} <= set(row)
         assert 0 <= row["ua_ci"][0] <= row["ua"] <= row["ua_ci"][1] <= 1
         assert row["n_episodes"] == 6 and set(row["per_speaker_ua"]) == set(saved["splits"]["test"])
-    assert set(saved["baselines"]) == set(methods[:5])
+    assert set(saved["baselines"]) == set(methods[:6])
 
     for row in saved["results"]:  # K=2 rows carry the paired gain over K=0 on the same queries
         if row["k"] == 2:
@@ -158,7 +158,8 @@ def test_cross_corpus_eval_tests_every_speaker_with_baselines_fitted_elsewhere(c
     assert report["splits"]["test"] == ["01", "02", "03", "04"] and report["splits"]["train"] == []
     assert report["labels"] == ["anger", "fear", "happiness", "neutral", "sadness"]
     assert report["baseline_labels"] == ["calm", "happiness", "pride"]
-    assert {r["method"] for r in report["results"]} == {"si", "si_norm", "si_finetune", "prototypes", "speaker_embedding"}
+    assert {r["method"] for r in report["results"]} == {"si", "si_norm", "si_finetune", "prototypes", "speaker_embedding",
+                                                        "enroll_prototypes"}
     # Only "happiness" is shared, so every baseline answers it, and UA is 1 / (emotions queried).
     predictions = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert {p["prediction"] for p in predictions} == {"happiness"}
