@@ -319,7 +319,7 @@ class IclSpeechEmotionPipeline(Pipeline):
 
         With `chunk_length_s=` the input is one long recording: the list of its segments'
         results (see `stream`)."""
-        if any(kwargs.get(name) is not None for name in _LONG_ONLY):
+        if any(name in kwargs for name in _LONG_ONLY):
             return list(self.stream(inputs, **kwargs))
         if isinstance(inputs, tuple):
             inputs = list(inputs)
