@@ -1,6 +1,6 @@
 """icl-ser demo page: enroll a speaker from a few labelled clips, then label their clips or a long recording.
 
-    pip install -e ".[demo]"
+    pip install -e ".[demo]" -c constraints.txt
     python app.py                                   # http://127.0.0.1:7860, model outputs/icl-ser/final
     ICL_SER_MODEL=path/to/export python app.py      # another exported model folder
 
