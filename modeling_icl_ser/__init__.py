@@ -20,7 +20,13 @@ check_torchaudio()  # before transformers loads torchaudio: a clear error instea
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor  # noqa: E402
 from .configuration_icl_ser import DEFAULT_LABELS, IclSerConfig
 from .modeling_icl_ser import IclSerForConditionalGeneration, IclSerPreTrainedModel, IclSerProjector
-from .pipeline_icl_ser import IclSpeechEmotionPipeline, SpeakerProfile, register_pipeline, save_with_pipeline
+from .pipeline_icl_ser import (
+    IclSpeechEmotionPipeline,
+    SpeakerProfile,
+    plot_emotion_timeline,
+    register_pipeline,
+    save_with_pipeline,
+)
 from .processing_icl_ser import IclSerDataCollator, IclSerProcessor
 
 AutoConfig.register(IclSerConfig.model_type, IclSerConfig, exist_ok=True)
@@ -44,5 +50,6 @@ __all__ = [
     "IclSpeechEmotionPipeline",
     "SpeakerProfile",
     "load_audio",
+    "plot_emotion_timeline",
     "save_with_pipeline",
 ]

@@ -69,20 +69,30 @@ def check_torchaudio() -> None:
         ) from error
 
 
-def _decode_file(path: Union[str, os.PathLike]) -> tuple[np.ndarray, int]:
+def _open_file(path: Union[str, os.PathLike]):
+    """An open `soundfile.SoundFile`, or a `ValueError` naming the problem (missing, not audio)."""
     import soundfile
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"Audio file not found: {path!r}. Pass an existing WAV/FLAC/OGG file path.")
     try:
-        samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
-    except Exception as error:  # soundfile raises several types for corrupt files
+        return soundfile.SoundFile(path)
+    except Exception as error:  # soundfile raises several types for corrupt or non-audio files
         raise ValueError(
             f"Could not decode audio file {path!r} ({error}). Convert it to WAV or FLAC, "
             "or pass the samples as an array with sampling_rate=."
         ) from None
-    return samples.T, int(rate)  # (channels, samples)
+
+
+def _decode_file(path: Union[str, os.PathLike]) -> tuple[np.ndarray, int]:
+    with _open_file(path) as handle:
+        try:
+            samples = handle.read(dtype="float32", always_2d=True)
+        except Exception as error:
+            raise ValueError(f"Could not decode audio file {os.fspath(path)!r} ({error}). Convert it to WAV or FLAC, "
+                             "or pass the samples as an array with sampling_rate=.") from None
+        return samples.T, int(handle.samplerate)  # (channels, samples)
 
 
 def _to_channels_first(samples: np.ndarray, source: str) -> np.ndarray:
@@ -177,6 +187,125 @@ def load_audio(
             torch.from_numpy(mono), orig_freq=rate, new_freq=target_sampling_rate
         ).numpy()
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------- long recordings
+SILENCE_PEAK_DB = -60.0  # a clip whose loudest sample is below this (dBFS) is refused as silent
+
+
+def peak_db(samples: np.ndarray) -> float:
+    """The loudest sample's level in dBFS (full scale = 1.0); -inf for digital silence."""
+    peak = float(np.abs(samples).max()) if samples.size else 0.0
+    return 20.0 * np.log10(peak) if peak > 0 else float("-inf")
+
+
+def check_not_silent(samples: np.ndarray, source: str) -> None:
+    """`ValueError` if `samples` are silent (peak below `SILENCE_PEAK_DB`): nothing to label."""
+    level = peak_db(samples)
+    if level < SILENCE_PEAK_DB:
+        raise ValueError(f"{source} is silent (peak {level:.0f} dBFS, below {SILENCE_PEAK_DB:.0f} dBFS); "
+                         "pass a clip with audible speech (check the microphone or the file).")
+
+
+def speech_ratio(samples: np.ndarray, sampling_rate: int, threshold_db: float, frame_s: float = 0.03) -> float:
+    """The energy gate's measure: the share of `frame_s` frames whose RMS level (dBFS) is at
+    least `threshold_db` (a partial last frame counts as a frame)."""
+    n = max(1, int(round(frame_s * sampling_rate)))
+    frames = np.pad(samples, (0, (-len(samples)) % n)).reshape(-1, n)
+    rms = np.sqrt(np.mean(np.square(frames, dtype=np.float64), axis=1))
+    return float(np.mean(rms >= 10.0 ** (threshold_db / 20.0)))
+
+
+def check_chunking(chunk_length_s: Any, stride_length_s: Any, max_seconds: Optional[float] = None) -> tuple[float, float]:
+    """Check a long recording's segment length and overlap (seconds); `ValueError` naming the fix."""
+    for name, value in (("chunk_length_s", chunk_length_s), ("stride_length_s", stride_length_s)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+            raise ValueError(f"{name} must be a number of seconds, got {value!r}.")
+    if chunk_length_s <= 0:
+        raise ValueError(f"chunk_length_s must be > 0 seconds, got {chunk_length_s!r}; e.g. chunk_length_s=4.0.")
+    if stride_length_s < 0:
+        raise ValueError(f"stride_length_s (the overlap of consecutive segments) must be >= 0, got {stride_length_s!r}.")
+    if stride_length_s >= chunk_length_s:
+        raise ValueError(f"stride_length_s ({stride_length_s:g} s) must be smaller than chunk_length_s "
+                         f"({chunk_length_s:g} s): it is the overlap of consecutive segments, and each segment "
+                         "starts chunk_length_s - stride_length_s after the previous one.")
+    if max_seconds is not None and chunk_length_s > max_seconds:
+        raise ValueError(f"chunk_length_s={chunk_length_s:g} s is longer than the encoder takes ({max_seconds:g} s); "
+                         "use shorter segments.")
+    return float(chunk_length_s), float(stride_length_s)
+
+
+def chunk_spans(num_samples: int, chunk: int, step: int) -> list[tuple[int, int]]:
+    """`[start, end)` sample spans of `chunk` samples every `step` samples over `num_samples`.
+
+    The last span ends at the end of the recording: when fewer than `chunk` samples remain it
+    is moved back to span a full `chunk` (overlapping its predecessor more); a recording shorter
+    than one chunk is a single span of its whole length.
+    """
+    if num_samples <= chunk:
+        return [(0, num_samples)]
+    spans, start = [], 0
+    while start + chunk < num_samples:
+        spans.append((start, start + chunk))
+        start += step
+    spans.append((num_samples - chunk, num_samples))
+    return spans
+
+
+class Recording:
+    """A long recording, read segment by segment as mono float32 at `target_sampling_rate`.
+
+    A file stays on disk and each segment is read, downmixed and resampled on its own, so memory
+    does not grow with the recording's length; arrays, tensors and audio dicts are converted
+    once (they are in memory already). Problems (missing, non-audio, empty) raise `ValueError`
+    on construction.
+    """
+
+    def __init__(self, audio: AudioInput, sampling_rate: Optional[int] = None, target_sampling_rate: int = 16000):
+        self.target_sampling_rate = int(target_sampling_rate)
+        self._handle, self._samples = None, None
+        path = audio.get("path") if isinstance(audio, dict) and audio.get("array") is None else audio
+        if isinstance(path, (str, os.PathLike)):
+            self.source = f"audio file {os.fspath(path)!r}"
+            self._handle = _open_file(path)
+            self.sampling_rate, self.num_samples = int(self._handle.samplerate), int(self._handle.frames)
+            if sampling_rate is not None and int(sampling_rate) != self.sampling_rate:
+                raise ValueError(f"{self.source} is stored at {self.sampling_rate} Hz but sampling_rate="
+                                 f"{sampling_rate} was given; drop sampling_rate for files.")
+            if self.num_samples == 0:
+                raise ValueError(f"{self.source} is empty (zero samples); pass a recording with speech.")
+        else:
+            self.source = "audio"
+            self._samples = load_audio(audio, sampling_rate, self.target_sampling_rate)
+            self.sampling_rate, self.num_samples = self.target_sampling_rate, len(self._samples)
+
+    @property
+    def duration(self) -> float:
+        """Length in seconds."""
+        return self.num_samples / self.sampling_rate
+
+    def read(self, start: int, end: int) -> np.ndarray:
+        """Samples `[start, end)` (at the recording's own rate) as mono float32 at the target rate."""
+        if self._samples is not None:
+            return self._samples[start:end]
+        self._handle.seek(start)
+        try:
+            block = self._handle.read(end - start, dtype="float32", always_2d=True)
+        except Exception as error:
+            raise ValueError(f"Could not decode {self.source} at {start / self.sampling_rate:.1f} s ({error}).") from None
+        if not np.isfinite(block).all():
+            raise ValueError(f"{self.source} contains NaN or infinite samples near {start / self.sampling_rate:.1f} s.")
+        return load_audio(block.T, self.sampling_rate, self.target_sampling_rate)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+
+    def __enter__(self) -> "Recording":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def audio_duration(path: Union[str, os.PathLike]) -> float:

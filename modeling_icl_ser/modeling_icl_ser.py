@@ -379,6 +379,26 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
             return self._whisper_features(input_features, feature_attention_mask)
         return self._wav2vec2_features(input_features, feature_attention_mask)
 
+    def utterance_embeddings(
+        self, input_features: torch.Tensor, feature_attention_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """One vector per utterance: the pooled speech representation the model reads.
+
+        The mean and standard deviation over each utterance's valid frames of the encoder block
+        the projector reads (`config.audio_feature_layer`): what the enrollment read-out compares
+        utterances by, and the projector's pooling with a single segment. Padding and batch
+        companions do not change an utterance's vector.
+
+        Args:
+            input_features, feature_attention_mask: As for `get_audio_features` (the processor's
+                `audio_inputs(...)` gives both).
+
+        Returns:
+            `(n_audio, 2 * encoder width)` float32.
+        """
+        hidden, mask = self.get_audio_features(input_features, feature_attention_mask)
+        return IclSerContextReadout.summarize(hidden, mask.to(hidden.device))
+
     def _whisper_features(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         encoder = self.audio_tower
         max_frames = encoder.max_source_positions * encoder.conv1.stride[0] * encoder.conv2.stride[0]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Sequence, Sized
+from collections.abc import Iterator, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -32,12 +32,14 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 
-from .audio_utils import AudioInput, load_audio
+from .audio_utils import AudioInput, Recording, check_chunking, check_not_silent, chunk_spans, load_audio, speech_ratio
 
 TASK = "icl-speech-emotion"
 PROFILE_FORMAT = "icl_ser-speaker-profile-v1"
 # Per-call parameters: they describe one speaker, so they never belong to the constructor.
 _CALL_ONLY = ("enrollment", "profile", "labels")
+# Parameters that make a call label a long recording segment by segment (`stream`).
+_LONG_ONLY = ("chunk_length_s", "stride_length_s", "vad_threshold_db", "vad_min_speech")
 
 
 # ----------------------------------------------------------------------------- profiles
@@ -138,6 +140,12 @@ class _Context:
     profile: Optional[SpeakerProfile] = None
 
 
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return value
+
+
 def _is_profile(obj: Any) -> bool:
     # By name, not isinstance: the package's class and a checkpoint's remote-code copy are
     # different class objects with the same code, and either may make the profile.
@@ -157,6 +165,10 @@ class IclSpeechEmotionPipeline(Pipeline):
     - `pipe([audio, ...], ..., batch_size=8)` → one such list per query (same speaker context).
     - `profile = pipe.enroll([(audio, label), ...])`, then `pipe(audio, profile=profile)`: the
       enrollment is encoded once; a query then costs about as much as a zero-shot query.
+    - `pipe(recording, profile=profile, chunk_length_s=4.0, stride_length_s=1.0)` → one
+      `{"timestamp", "label", "score", "scores"}` per voiced segment of a long recording;
+      `pipe.stream(...)` yields them one by one (see `stream`).
+    - `pipe.embed(audio or [audio, ...])` → utterance embeddings (see `embed`).
 
     Call parameters:
         enrollment: The speaker's `(audio, label)` pairs (K >= 0).
@@ -192,9 +204,7 @@ class IclSpeechEmotionPipeline(Pipeline):
         if sampling_rate is not None:
             preprocess["sampling_rate"] = sampling_rate
         if top_k is not None:
-            if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-                raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
-            postprocess["top_k"] = top_k
+            postprocess["top_k"] = _positive_int("top_k", top_k)
         if sampling_rate is None:
             sampling_rate = getattr(self, "_preprocess_params", {}).get("sampling_rate")
         # Resolved (and the enrollment decoded) here, once per call, before any query work.
@@ -214,9 +224,14 @@ class IclSpeechEmotionPipeline(Pipeline):
             audio = {**audio, "array": audio["raw"]}  # the ASR pipeline's dict spelling
         proc = self.processor
         try:
-            return load_audio(audio, sampling_rate, proc.sampling_rate, proc.audio_limit_seconds)
+            samples = load_audio(audio, sampling_rate, proc.sampling_rate, proc.audio_limit_seconds)
+            check_not_silent(samples, "the audio")
+            return samples
         except ValueError as error:
-            raise ValueError(f"{where}: {error}") from None
+            hint = ""
+            if "at most" in str(error) and where == "query audio":
+                hint = " For a long recording, pass chunk_length_s=4.0 to label it segment by segment."
+            raise ValueError(f"{where}: {error}{hint}") from None
 
     def _context(self, enrollment, profile, labels, sampling_rate) -> _Context:
         proc = self.processor
@@ -300,12 +315,140 @@ class IclSpeechEmotionPipeline(Pipeline):
 
     # ------------------------------------------------------------------------ run
     def __call__(self, inputs, **kwargs):
-        """Label one query audio, or a list of them (see the class docstring for parameters)."""
+        """Label one query audio, or a list of them (see the class docstring for parameters).
+
+        With `chunk_length_s=` the input is one long recording: the list of its segments'
+        results (see `stream`)."""
+        if any(name in kwargs for name in _LONG_ONLY):
+            return list(self.stream(inputs, **kwargs))
         if isinstance(inputs, tuple):
             inputs = list(inputs)
         if isinstance(inputs, list) and not inputs:
             raise ValueError("The query list is empty; pass at least one query audio.")
         return super().__call__(inputs, **kwargs)
+
+    def stream(
+        self,
+        audio: AudioInput,
+        *,
+        enrollment: Optional[Sequence] = None,
+        profile: Optional[SpeakerProfile] = None,
+        labels: Optional[Sequence[str]] = None,
+        sampling_rate: Optional[int] = None,
+        chunk_length_s: float = 4.0,
+        stride_length_s: float = 1.0,
+        vad_threshold_db: Optional[float] = -50.0,
+        vad_min_speech: float = 0.1,
+        batch_size: int = 8,
+        top_k: Optional[int] = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Label a long recording segment by segment, yielding each segment's result in time order.
+
+        `pipe(audio, chunk_length_s=..., ...)` is `list(pipe.stream(audio, ...))`. A file is read
+        one segment at a time, so memory stays flat however long the recording is.
+
+        Segments: `chunk_length_s` seconds long, consecutive ones overlapping by
+        `stride_length_s` seconds (so each starts `chunk_length_s - stride_length_s` after the
+        previous one). The last segment ends at the end of the recording, moved back to keep its
+        full length; a recording shorter than one segment is one segment.
+
+        Voice-activity gate: a segment is skipped (not yielded) unless at least `vad_min_speech`
+        of its 30 ms frames have an RMS level of `vad_threshold_db` dBFS or more;
+        `vad_threshold_db=None` switches the gate off (every segment is labelled).
+
+        Speaker context as for a single query (`enrollment=` is enrolled once, as a profile).
+        Voiced segments go through the encoder and the LM `batch_size` at a time.
+
+        Yields:
+            `{"timestamp": (start_s, end_s), "label", "score", "scores": {label: probability}}`
+            (`label`/`score` the best; `scores` over all candidates, in candidate order, or the
+            `top_k` best).
+
+        Raises:
+            ValueError: bad segment/stride lengths, gate settings or batch size, missing,
+                empty or non-audio input (before any model work), or, at the end, a recording
+                in which the gate found no speech.
+        """
+        proc = self.processor
+        chunk_s, stride_s = check_chunking(chunk_length_s, stride_length_s, proc.audio_limit_seconds)
+        if vad_threshold_db is not None and (isinstance(vad_threshold_db, bool) or not isinstance(vad_threshold_db, (int, float))
+                                             or not vad_threshold_db <= 0):
+            raise ValueError(f"vad_threshold_db must be a level in dBFS (<= 0, e.g. -50.0) or None to switch "
+                             f"the voice-activity gate off, got {vad_threshold_db!r}.")
+        if isinstance(vad_min_speech, bool) or not isinstance(vad_min_speech, (int, float)) or not 0 <= vad_min_speech <= 1:
+            raise ValueError(f"vad_min_speech must be a share of frames in [0, 1], got {vad_min_speech!r}.")
+        _positive_int("batch_size", batch_size)
+        if top_k is not None:
+            _positive_int("top_k", top_k)
+        recording = Recording(audio, sampling_rate, proc.sampling_rate)  # checks the input, reads nothing yet
+        return self._stream(recording, enrollment, profile, labels, sampling_rate, chunk_s, stride_s,
+                            vad_threshold_db, vad_min_speech, batch_size, top_k)
+
+    def _stream(self, recording, enrollment, profile, labels, sampling_rate, chunk_s, stride_s,
+                vad_threshold_db, vad_min_speech, batch_size, top_k) -> Iterator[dict[str, Any]]:
+        # A generator behind `stream`, so argument errors above are raised at the call, not at the first next().
+        with recording:
+            if profile is None and enrollment:  # enroll once: every segment then costs a zero-shot query
+                try:
+                    profile, enrollment = self.enroll(enrollment, labels=labels, sampling_rate=sampling_rate), None
+                    labels = None
+                except ValueError as error:
+                    if "plain full-attention cache" not in str(error):
+                        raise  # else: no profile for this LM, every segment reads the enrollment inline
+            context = self._context(enrollment, profile, labels, sampling_rate)
+            rate = recording.sampling_rate
+            spans = chunk_spans(recording.num_samples, int(round(chunk_s * rate)),
+                                int(round(chunk_s * rate)) - int(round(stride_s * rate)))
+            batch, voiced = [], 0
+            for index, (start, end) in enumerate(spans):
+                samples = recording.read(start, end)
+                if vad_threshold_db is None or speech_ratio(samples, self.processor.sampling_rate,
+                                                            vad_threshold_db) >= max(vad_min_speech, 1e-9):
+                    batch.append(((start / rate, end / rate), samples))
+                if batch and (len(batch) == batch_size or index == len(spans) - 1):
+                    voiced += len(batch)
+                    yield from self._label_segments(batch, context, top_k)
+                    batch = []
+            if not voiced:
+                raise ValueError(f"No speech found in {recording.source} ({recording.duration:.1f} s): every segment is "
+                                 f"below the voice-activity gate (vad_threshold_db={vad_threshold_db}, vad_min_speech="
+                                 f"{vad_min_speech}). Check the recording, lower vad_threshold_db, or pass "
+                                 "vad_threshold_db=None to label every segment.")
+
+    def _label_segments(self, batch, context: _Context, top_k: Optional[int]) -> Iterator[dict[str, Any]]:
+        probs = self.forward({"audio": [samples for _, samples in batch]}, context=context)["probs"]
+        for (timestamp, _), row in zip(batch, probs.tolist()):
+            ranked = sorted(zip(context.labels, row), key=lambda pair: pair[1], reverse=True)
+            keep = {label for label, _ in ranked[: top_k or len(ranked)]}
+            yield {"timestamp": (round(timestamp[0], 3), round(timestamp[1], 3)), "label": ranked[0][0],
+                   "score": ranked[0][1], "scores": {label: p for label, p in zip(context.labels, row) if label in keep}}
+
+    def embed(self, audio, sampling_rate: Optional[int] = None, batch_size: int = 8) -> np.ndarray:
+        """Utterance embeddings: one vector per clip, the pooled speech representation the model reads
+        (`model.utterance_embeddings`: mean and std of the projector's encoder block over the clip).
+
+        Args:
+            audio: One clip, or a list of clips (any audio form the pipeline takes).
+            sampling_rate: Rate of raw arrays/tensors.
+            batch_size: Clips per encoder pass.
+
+        Returns:
+            `(dim,)` float32 for one clip, `(n_clips, dim)` for a list.
+        """
+        single = not isinstance(audio, (list, tuple))
+        clips = [audio] if single else list(audio)
+        if not clips:
+            raise ValueError("The clip list is empty; pass at least one audio clip.")
+        _positive_int("batch_size", batch_size)
+        samples = [self._load(clip, sampling_rate, f"clip {i}") for i, clip in enumerate(clips)]  # all checked first
+        vectors = []
+        with self.device_placement(), torch.no_grad():
+            for i in range(0, len(samples), batch_size):
+                inputs = {k: torch.from_numpy(v) for k, v in self.processor.audio_inputs(samples[i:i + batch_size]).items()}
+                inputs = self._ensure_tensor_on_device(inputs, self.device)
+                vectors.append(self.model.utterance_embeddings(inputs["input_features"], inputs["feature_attention_mask"]).cpu())
+        out = torch.cat(vectors).numpy()
+        return out[0] if single else out
 
     def preprocess(self, inputs: AudioInput, sampling_rate: Optional[int] = None) -> dict[str, Any]:
         """Decode and check one query (mono, resampled, within the encoder's time limit)."""
@@ -370,6 +513,55 @@ class IclSpeechEmotionPipeline(Pipeline):
         self.processor.save_pretrained(save_directory, **kwargs)
 
 
+def plot_emotion_timeline(segments: Sequence[dict], ax=None, labels: Optional[Sequence[str]] = None, title: str = ""):
+    """Plot each label's probability over time from long-recording results (`pipe(..., chunk_length_s=...)`).
+
+    Each segment's probabilities are drawn at its middle; a gap (segments the voice-activity gate
+    skipped) breaks the lines. Needs matplotlib (imported here, on first use).
+
+    Args:
+        segments: The segment dicts (`timestamp`, `scores`).
+        ax: A matplotlib axis to draw on (default: a new figure).
+        labels: Labels to draw (default: every label in the segments' `scores`).
+        title: Axis title.
+
+    Returns:
+        The matplotlib `Figure`.
+    """
+    import matplotlib
+
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(10, 3.2))
+    else:
+        fig = ax.figure
+    segments = list(segments)
+    if not segments:
+        raise ValueError("No segments to plot; label a recording first: pipe(audio, chunk_length_s=4.0, ...).")
+    if labels is None:
+        labels = list(dict.fromkeys(label for seg in segments for label in seg["scores"]))
+    times, rows = [], []
+    for i, seg in enumerate(segments):
+        start, end = seg["timestamp"]
+        if i and start > segments[i - 1]["timestamp"][1]:  # a skipped stretch: break the lines
+            times.append(float("nan"))
+            rows.append([float("nan")] * len(labels))
+        times.append((start + end) / 2)
+        rows.append([seg["scores"].get(label, float("nan")) for label in labels])
+    values = np.asarray(rows, dtype=float)
+    colors = matplotlib.colormaps["tab10"]
+    for j, label in enumerate(labels):
+        ax.plot(times, values[:, j], marker=".", label=label, color=colors(j % 10))
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("probability")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small", frameon=False)
+    fig.tight_layout()
+    return fig
+
+
 def register_pipeline() -> None:
     """Register `"icl-speech-emotion"` with `transformers.pipeline` (done on package import)."""
     PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=IclSpeechEmotionPipeline, pt_model=AutoModel,
@@ -388,4 +580,5 @@ def save_with_pipeline(model, processor, save_directory: Union[str, os.PathLike]
     )
 
 
-__all__ = ["IclSpeechEmotionPipeline", "SpeakerProfile", "register_pipeline", "save_with_pipeline", "TASK"]
+__all__ = ["IclSpeechEmotionPipeline", "SpeakerProfile", "plot_emotion_timeline", "register_pipeline", "save_with_pipeline",
+           "TASK"]

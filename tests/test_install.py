@@ -48,7 +48,7 @@ def test_installed_torch_pair_is_the_pinned_one():
         installed = Version(metadata.version(package)).base_version  # "2.11.0+cpu" -> "2.11.0"
         assert installed == pins[package], (
             f"{package} {metadata.version(package)} is installed but constraints.txt pins {pins[package]}: "
-            'install with pip install -e ".[dev]" -c constraints.txt'
+            'install with pip install -e ".[dev,demo]" -c constraints.txt'
         )
 
 
