@@ -20,8 +20,8 @@ AudioInput = Union[str, os.PathLike, np.ndarray, torch.Tensor, dict]
 # The torch/torchaudio pair this package was tested with (constraints.txt pins the same pair;
 # tests/test_install.py keeps the two in step). torchaudio's compiled library links against one
 # torch build: a pair that does not fit fails inside the dynamic linker.
-TESTED_TORCH = "2.11.0"
-TESTED_TORCHAUDIO = "2.11.0"
+TESTED_TORCH = "2.14.1"
+TESTED_TORCHAUDIO = "2.11.1"
 
 
 class TorchaudioMismatchError(ImportError):
