@@ -371,4 +371,4 @@ def test_real_speech_config_names_the_three_shared_corpora():
     args = train.parse_arguments([str(REPO / "configs" / "real-speech.yaml")])
     assert args.corpus.split(",") == ["ravdess", "ased", "emotiontts-ko"]
     assert args.data_dir.split(",") == [f"../shared/data/{c}" for c in ("ravdess", "ased", "emotiontts-ko")]
-    assert args.virtual_speakers == 0
+    assert args.virtual_speakers == 0 and args.content_disjoint
