@@ -38,6 +38,10 @@ _DEFAULT_TEXT = {
 }
 
 
+# The routes `classify` can mix (IclSerConfig.route_weights).
+ROUTES = ("lm", "si", "prototype")
+
+
 class IclSerConfig(PretrainedConfig):
     r"""Configuration of [`IclSerForConditionalGeneration`].
 
@@ -75,6 +79,29 @@ class IclSerConfig(PretrainedConfig):
         context_readout_loss_coef: Weight of the read-out's own loss (attention on the enrollment
             utterances that share the query's label; `IclSerContextReadout.matching_loss`),
             added to the LM loss in training; 0 = LM loss only.
+        speaker_normalization: Standardize each utterance's summary vector (mean and std of its
+            frames) by the statistics of its speaker's enrollment utterances (per-dimension mean;
+            with K >= 2 also the standard deviation, floored at `speaker_variance_floor` × its
+            mean), before the read-out and the routes below; labels are not needed. K = 0 leaves
+            the summaries as they are. The label-free speaker normalization that beat every other
+            personalization on real speech (docs/RESULTS.md).
+        speaker_variance_floor: Floor of the enrollment variance, as a share of its mean over
+            dimensions (a dimension on which a few utterances happen to agree must not dominate).
+        si_route: Add a speaker-independent route ([`IclSerSpeakerRoutes`]): the summary vector
+            mapped into the LM's embedding width, scored against each candidate's label-word
+            embedding (open vocabulary through the tied embeddings), with its own head for
+            speaker-normalized summaries. It trains beside the LM loss (`si_route_loss_coef`).
+        si_route_loss_coef: Weight of the SI route's cross-entropy over each sample's candidates.
+        prototype_temperature: Temperature of the parameter-free prototype route: cosine of the
+            query's summary to the means of each enrolled label's summaries (speaker-normalized
+            when `speaker_normalization`), softmax over the enrolled labels.
+        route_weights: How `classify` mixes its routes, `{"lm": a, "si": b, "prototype": c}`:
+            `a·p_LM + b·p_SI + c·p_prototype`, weights renormalized over the routes a sample has
+            (no prototype route without enrollment). `None` = the LM alone. train.py chooses the
+            weights on validation speakers (`evaluation.route_weights.choose_route_weights`).
+        route_weights_without_enrollment: The same for samples without enrollment (K = 0), where
+            the best mixture differs (no prototype route, the SI route on raw summaries);
+            `None` = `route_weights`.
         labels: Default emotion vocabulary (candidate labels when none are given).
         instruction_template: First prompt line; `{labels}` is replaced by the candidate labels
             joined by `label_separator`.
@@ -107,6 +134,13 @@ class IclSerConfig(PretrainedConfig):
     context_readout_pointer: bool = False
     context_readout_dropout: float = 0.0
     context_readout_loss_coef: float = 1.0
+    speaker_normalization: bool = False
+    speaker_variance_floor: float = 0.01
+    si_route: bool = False
+    si_route_loss_coef: float = 1.0
+    prototype_temperature: float = 0.1
+    route_weights: dict | None = None
+    route_weights_without_enrollment: dict | None = None
     labels: list[str] | None = None
     instruction_template: str = DEFAULT_INSTRUCTION
     enrollment_template: str = DEFAULT_ENROLLMENT
@@ -146,6 +180,20 @@ class IclSerConfig(PretrainedConfig):
             raise ValueError(f"context_readout_dropout must be in [0, 1), got {self.context_readout_dropout}.")
         if not 0.0 <= float(self.audio_token_dropout) < 1.0:
             raise ValueError(f"audio_token_dropout must be in [0, 1), got {self.audio_token_dropout}.")
+        if float(self.speaker_variance_floor) < 0 or float(self.prototype_temperature) <= 0:
+            raise ValueError(f"speaker_variance_floor must be >= 0 and prototype_temperature > 0, got "
+                             f"{self.speaker_variance_floor} and {self.prototype_temperature}.")
+        for name in ("route_weights", "route_weights_without_enrollment"):
+            if getattr(self, name) is None:
+                continue
+            weights = dict(getattr(self, name))
+            unknown = sorted(set(weights) - set(ROUTES))
+            if unknown or any(float(v) < 0 for v in weights.values()) or sum(float(v) for v in weights.values()) <= 0:
+                raise ValueError(f"{name} must map some of {ROUTES} to weights >= 0 with a positive sum, got "
+                                 f"{getattr(self, name)!r}.")
+            if float(weights.get("si", 0)) > 0 and not self.si_route:
+                raise ValueError(f"{name} gives the SI route a weight but the model has none; set si_route=True "
+                                 "(and train it) or drop 'si'.")
         audio_type = getattr(self.audio_config, "model_type", None)
         if audio_type not in WHISPER_MODEL_TYPES + WAV2VEC2_MODEL_TYPES:
             raise ValueError(
@@ -163,4 +211,4 @@ class IclSerConfig(PretrainedConfig):
         return self.audio_config.model_type in WHISPER_MODEL_TYPES
 
 
-__all__ = ["IclSerConfig", "DEFAULT_LABELS"]
+__all__ = ["IclSerConfig", "DEFAULT_LABELS", "ROUTES"]

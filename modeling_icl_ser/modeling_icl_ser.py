@@ -258,6 +258,130 @@ class IclSerContextReadout(nn.Module):
 
 
 # ================================================================================================
+# 2b. Speaker routes: speaker normalization, the SI route and the prototype route
+# ================================================================================================
+
+
+def speaker_standardize(summaries: torch.Tensor, enrollment: torch.Tensor, variance_floor: float) -> torch.Tensor:
+    """Label-free speaker normalization: `(N, F)` summaries standardized by the `(K, F)` summaries
+    of the same speaker's enrollment utterances. K = 0 returns them unchanged; K = 1 subtracts the
+    one utterance; K >= 2 also divides by the per-dimension standard deviation, whose variance is
+    floored at `variance_floor` × its mean over dimensions."""
+    if len(enrollment) == 0:
+        return summaries
+    enrollment = enrollment.float()
+    centered = summaries.float() - enrollment.mean(0)
+    if len(enrollment) < 2:
+        return centered
+    var = enrollment.var(0, unbiased=False)
+    return centered / torch.sqrt(var + variance_floor * var.mean() + 1e-8)
+
+
+def match_labels(label_embeds: torch.Tensor, candidate_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(K, W)` enrollment label embeddings vs `(C, W)` candidate embeddings → `(index (K,), found
+    (K,))`: the candidate each enrollment label is (same answer tokens give the same embedding)."""
+    distance, index = torch.cdist(label_embeds.float(), candidate_embeds.float()).min(-1)
+    return index, distance <= 1e-4 * candidate_embeds.float().norm(dim=-1).mean()
+
+
+def prototype_probabilities(query: torch.Tensor, enrollment: torch.Tensor, enrollment_labels: torch.Tensor,
+                            candidate_embeds: torch.Tensor, temperature: float) -> Optional[torch.Tensor]:
+    """The parameter-free prototype route for one query: cosine of its `(F,)` summary to the mean
+    of each enrolled label's unit-length `(K, F)` summaries, softmax over the enrolled candidates
+    (temperature `temperature`); `(C,)` probabilities, 0 for candidates nobody enrolled. None when
+    no enrollment label is among the candidates."""
+    index, found = match_labels(enrollment_labels, candidate_embeds)
+    if not bool(found.any()):
+        return None
+    units = nn.functional.normalize(enrollment[found].float(), dim=-1)
+    classes = index[found]
+    sums = torch.zeros(len(candidate_embeds), units.shape[-1], device=units.device).index_add_(0, classes, units)
+    enrolled = torch.zeros(len(candidate_embeds), dtype=torch.bool, device=units.device)
+    enrolled[classes] = True
+    scores = nn.functional.normalize(sums, dim=-1) @ nn.functional.normalize(query.float(), dim=-1) / temperature
+    return scores.masked_fill(~enrolled, float("-inf")).softmax(-1)
+
+
+def mix_routes(routes: dict, weights: Optional[dict], weights_without_enrollment: Optional[dict] = None) -> torch.Tensor:
+    """`classify`'s mixture: `routes` maps "lm", "si", "prototype" to `(B, C)` probabilities (the
+    prototype's rows are NaN where a sample has no enrollment), `weights` to their weights
+    (`IclSerConfig.route_weights`; None = the LM alone). Each row mixes the routes it has, with
+    the weights renormalized over them; rows without enrollment use `weights_without_enrollment`
+    instead when given (`IclSerConfig.route_weights_without_enrollment`)."""
+    if weights_without_enrollment is not None:
+        prototype = routes.get("prototype")
+        enrolled = (torch.zeros(routes["lm"].shape[0], 1, dtype=torch.bool, device=routes["lm"].device)
+                    if prototype is None else ~torch.isnan(prototype).any(-1, keepdim=True))
+        return torch.where(enrolled, mix_routes(routes, weights), mix_routes(routes, weights_without_enrollment))
+    if not weights:
+        return routes["lm"]
+    total = torch.zeros_like(routes["lm"], dtype=torch.float32)
+    norm = torch.zeros(routes["lm"].shape[0], 1, device=total.device)
+    for name, weight in weights.items():
+        probs = routes.get(name)
+        if probs is None or float(weight) == 0:
+            continue
+        has = ~torch.isnan(probs).any(-1, keepdim=True)
+        total = total + float(weight) * torch.nan_to_num(probs.float()) * has
+        norm = norm + float(weight) * has
+    # A row with none of the weighted routes (e.g. prototype only, K = 0) falls back to the LM.
+    return torch.where(norm > 0, total / norm.clamp_min(1e-12), routes["lm"].float())
+
+
+# The SI route's normalized head also trains on enrollment utterances once a row has this many.
+NORMALIZED_ENROLLMENT_MIN_K = 4
+
+
+@dataclass
+class SpeakerRow:
+    """One prompt row, as the read-out and the routes see it.
+
+    Attributes:
+        queries: indices (into the batch's audios) of the row's unlabelled audios.
+        enrolled: indices of its labelled audios.
+        last_query: True when the row's last audio is unlabelled (the query the answer is for).
+        memory: `(K, F)` raw summaries of the row's enrollment (a profile's first), K >= 0.
+        memory_labels: `(K, W)` their label embeddings.
+        query_summaries: `(Q, F)` summaries of `queries`, speaker-normalized by `memory` when the
+            config asks for it; `memory_summaries` likewise for `memory`.
+    """
+
+    queries: torch.Tensor
+    enrolled: torch.Tensor
+    last_query: bool
+    memory: torch.Tensor
+    memory_labels: torch.Tensor
+    query_summaries: torch.Tensor
+    memory_summaries: torch.Tensor
+
+
+class IclSerSpeakerRoutes(nn.Module):
+    """The speaker-independent (SI) route: an utterance's summary vector (mean and std of its
+    frames) mapped into the LM's embedding width and scored against each candidate's label-word
+    embedding (unit length), so any label word can be scored (open vocabulary). Two heads: one
+    for raw summaries (no enrollment), one for speaker-normalized ones (`speaker_normalization`
+    and K >= 1), as the conventional "SI" and "SI + speaker norm." classifiers, inside the model.
+    Trained by `loss` beside the LM loss; `classify` mixes it in by `config.route_weights`.
+    """
+
+    def __init__(self, config: IclSerConfig):
+        super().__init__()
+        width = config.audio_config.hidden_size * 2
+        text_width = config.text_config.hidden_size
+        self.raw = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, text_width))
+        self.normalized = (nn.Sequential(nn.LayerNorm(width), nn.Linear(width, text_width))
+                           if config.speaker_normalization else None)
+
+    def logits(self, summaries: torch.Tensor, normalized: bool, candidate_embeds: torch.Tensor) -> torch.Tensor:
+        """`(Q, F)` summaries (speaker-normalized when `normalized`) and `(C, W)` candidate label
+        embeddings → `(Q, C)` logits."""
+        head = self.normalized if normalized and self.normalized is not None else self.raw
+        dtype = head[1].weight.dtype
+        vectors = head(summaries.to(dtype)).float()
+        return vectors @ nn.functional.normalize(candidate_embeds.float(), dim=-1).T
+
+
+# ================================================================================================
 # 3. Model: encoder -> projector (+ read-out) -> causal LM
 # ================================================================================================
 
@@ -276,6 +400,8 @@ class EmbeddedPrompt:
         pointers: Per row, `(mass (K,), label_embeds (K, W))`: the read-out's attention mass
             (mean over heads) on each enrollment utterance of the row's query and their label
             embeddings, or None (no read-out, no enrollment).
+        speaker_rows: Per row, its `SpeakerRow` (what the SI and prototype routes read), or None
+            for a model without read-out or SI route.
     """
 
     embeds: torch.Tensor
@@ -284,6 +410,7 @@ class EmbeddedPrompt:
     readout_positions: Optional[torch.Tensor] = None
     pointers: Optional[list] = None
     readout_loss_rows: int = 0
+    speaker_rows: Optional[list] = None
 
 
 class IclSerPreTrainedModel(PreTrainedModel):
@@ -322,6 +449,7 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
             self.audio_tower = AutoModel.from_config(config.audio_config)
         self.projector = IclSerProjector(config)
         self.context_readout = IclSerContextReadout(config) if config.context_readout_heads else None
+        self.speaker_routes = IclSerSpeakerRoutes(config) if config.si_route else None
         # Off only in the first stage of a two-stage schedule (see `feed_context_readout`).
         self.context_readout_feeds_lm = True
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
@@ -545,7 +673,7 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         for training) are given."""
         n_audio = self._count_audios(input_features, audio_hidden_states)
         placeholders = self._check_placeholders(input_ids, n_audio)
-        if self.context_readout is not None:
+        if self.context_readout is not None or self.speaker_routes is not None:
             self._check_audio_labels(audio_label_ids, n_audio)  # before any encoder work
         # The placeholder id may lie outside the LM vocabulary: look up a valid id instead.
         embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
@@ -563,11 +691,13 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         hidden, hidden_mask = hidden.to(embeds.device), hidden_mask.to(embeds.device)
         audio_tokens = self.projector(hidden, hidden_mask)
         audio_tokens = audio_tokens * self._text_embedding_rms()
-        readout_loss = row_readout = after = pointers = None
+        readout_loss = row_readout = after = pointers = speaker_rows = None
         readout_loss_rows = 0
+        if self.context_readout is not None or self.speaker_routes is not None:
+            speaker_rows, labelled = self._speaker_rows(placeholders, hidden, hidden_mask, audio_label_ids, enrollment_context)
         if self.context_readout is not None:
             readout, (readout_loss, readout_loss_rows), pointers = self._read_enrollment(
-                placeholders, hidden, hidden_mask, audio_label_ids, enrollment_context, query_answers
+                speaker_rows, labelled, audio_label_ids, enrollment_context, query_answers
             )
             audio_tokens = audio_tokens + readout[:, None, :].to(audio_tokens.dtype)
             # The query line's text after its audio (the position that predicts the answer, and
@@ -581,7 +711,7 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
             embeds = embeds + after[..., None].to(embeds.dtype) * row_readout[:, None, :].to(embeds.dtype)
         # Row-major order of the placeholders = sample after sample, audio after audio.
         embeds = embeds.masked_scatter(placeholders[..., None], audio_tokens.to(embeds.dtype))
-        return EmbeddedPrompt(embeds, readout_loss, row_readout, after, pointers, readout_loss_rows)
+        return EmbeddedPrompt(embeds, readout_loss, row_readout, after, pointers, readout_loss_rows, speaker_rows)
 
     @contextlib.contextmanager
     def _readout_on_output(self, positions: Optional[torch.Tensor], row_readout: Optional[torch.Tensor]):
@@ -663,62 +793,85 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         labels = self._label_embeddings(audio_label_ids.to(hidden.device)).float()
         return torch.cat([summaries, labels], dim=-1)
 
-    def _read_enrollment(
+    def _speaker_rows(
         self,
         placeholders: torch.Tensor,
         hidden: torch.Tensor,
         hidden_mask: torch.Tensor,
         audio_label_ids: Optional[torch.Tensor],
         enrollment_context: Optional[torch.Tensor],
-        query_answers: Optional[list[list[int]]] = None,
-    ) -> tuple[torch.Tensor, tuple[Optional[torch.Tensor], int], list]:
-        """(N, W) read-out vector per audio: zero for labelled (enrollment) audios and for queries
-        without enrollment; for each unlabelled audio, the read-out over its sample's labelled
-        audios (and `enrollment_context`'s, which come first). With `query_answers` (row i's
-        query answer ids), also `(mean matching loss, rows)` over the rows' last unlabelled
-        audios, else `(None, 0)`.
-        Third, per row, the pointer of its last audio (`EmbeddedPrompt.pointers`) or None."""
+    ) -> tuple[list[SpeakerRow], torch.Tensor]:
+        """Each row's `SpeakerRow` (its unlabelled audios and its enrollment: `enrollment_context`'s
+        utterances first, then its labelled audios), and `(n_audio,)` which audios are labelled."""
         n_audio = hidden.shape[0]  # audio_label_ids' shape was checked by _embed_with_audio
         width = self.get_input_embeddings().weight.shape[-1]
-        out = torch.zeros(n_audio, width, device=hidden.device, dtype=torch.float32)
         per_row = (placeholders.sum(-1) // self.config.num_audio_tokens).tolist()
-        pointers = [None] * len(per_row)
-        if audio_label_ids is None and enrollment_context is None:
-            return out, (None, 0), pointers
-        summaries = self.context_readout.summarize(hidden, hidden_mask)
+        if enrollment_context is not None and enrollment_context.shape[0] != len(per_row):
+            raise ValueError(f"enrollment_context has {enrollment_context.shape[0]} rows for a batch of {len(per_row)}.")
+        summaries = IclSerContextReadout.summarize(hidden, hidden_mask)
         if audio_label_ids is None:
             labelled = torch.zeros(n_audio, dtype=torch.bool, device=hidden.device)
-            label_embeds = out
+            label_embeds = torch.zeros(n_audio, width, device=hidden.device)
         else:
             audio_label_ids = audio_label_ids.to(hidden.device)
             labelled = (audio_label_ids != -100).any(-1)
             label_embeds = self._label_embeddings(audio_label_ids).float()
-        if enrollment_context is not None and enrollment_context.shape[0] != len(per_row):
-            raise ValueError(f"enrollment_context has {enrollment_context.shape[0]} rows for a batch of {len(per_row)}.")
-        if not self.context_readout_feeds_lm and query_answers is None:
-            return out, (None, 0), pointers  # switched off and no matching loss asked for: nothing to read
-        split = self.context_readout.summary_width
-        rows, reads, losses, start = [], [], [], 0
+        split = summaries.shape[-1]
+        normalize = bool(self.config.speaker_normalization)
+        floor = float(self.config.speaker_variance_floor)
+        rows, start = [], 0
         for row, count in enumerate(per_row):
             index = torch.arange(start, start + count, device=hidden.device)
             start += count
             enrolled, queries = index[labelled[index]], index[~labelled[index]]
-            memory_summaries, memory_labels = summaries[enrolled], label_embeds[enrolled]
+            memory, memory_labels = summaries[enrolled], label_embeds[enrolled]
             if enrollment_context is not None:
                 context = enrollment_context[row].to(hidden.device).float()
-                memory_summaries = torch.cat([context[:, :split], memory_summaries])
+                memory = torch.cat([context[:, :split], memory])
                 memory_labels = torch.cat([context[:, split:], memory_labels])
-            if len(queries) and len(memory_summaries):
-                read, weights = self.context_readout(summaries[queries], memory_summaries, memory_labels)
+            query_summaries, memory_summaries = summaries[queries], memory
+            if normalize:
+                query_summaries = speaker_standardize(query_summaries, memory, floor)
+                memory_summaries = speaker_standardize(memory, memory, floor)
+            rows.append(SpeakerRow(queries, enrolled, bool(count) and not bool(labelled[index[-1]]), memory, memory_labels,
+                                   query_summaries, memory_summaries))
+        return rows, labelled
+
+    def _read_enrollment(
+        self,
+        speaker_rows: list[SpeakerRow],
+        labelled: torch.Tensor,
+        audio_label_ids: Optional[torch.Tensor],
+        enrollment_context: Optional[torch.Tensor],
+        query_answers: Optional[list[list[int]]] = None,
+    ) -> tuple[torch.Tensor, tuple[Optional[torch.Tensor], int], list]:
+        """(N, W) read-out vector per audio: zero for labelled (enrollment) audios and for queries
+        without enrollment; for each unlabelled audio, the read-out over its row's enrollment
+        (`_speaker_rows`). With `query_answers` (row i's query answer ids), also `(mean matching
+        loss, rows)` over the rows' last unlabelled audios, else `(None, 0)`.
+        Third, per row, the pointer of its last audio (`EmbeddedPrompt.pointers`) or None."""
+        n_audio = labelled.shape[0]
+        width = self.get_input_embeddings().weight.shape[-1]
+        out = torch.zeros(n_audio, width, device=labelled.device, dtype=torch.float32)
+        pointers = [None] * len(speaker_rows)
+        if audio_label_ids is None and enrollment_context is None:
+            return out, (None, 0), pointers
+        if not self.context_readout_feeds_lm and query_answers is None:
+            return out, (None, 0), pointers  # switched off and no matching loss asked for: nothing to read
+        rows, reads, losses = [], [], []
+        for row, speaker in enumerate(speaker_rows):
+            queries = speaker.queries
+            if len(queries) and len(speaker.memory):
+                read, weights = self.context_readout(speaker.query_summaries, speaker.memory_summaries, speaker.memory_labels)
                 rows.append(queries)
                 reads.append(read.float())
-                if queries[-1] == index[-1]:  # the row's query is its last audio
-                    pointers[row] = (weights[-1, :, :-1].mean(0).float(), memory_labels)
+                if speaker.last_query:  # the row's query is its last audio
+                    pointers[row] = (weights[-1, :, :-1].mean(0).float(), speaker.memory_labels)
                 if query_answers is not None and enrollment_context is None:
                     answer = query_answers[row]
                     matches = torch.tensor([[[i for i in ids if i != -100] == answer
-                                             for ids in audio_label_ids[enrolled].tolist()]],
-                                           dtype=torch.bool, device=hidden.device)
+                                             for ids in audio_label_ids[speaker.enrolled].tolist()]],
+                                           dtype=torch.bool, device=labelled.device)
                     losses.append(self.context_readout.matching_loss(weights[-1:], matches))
         if rows:
             out = out.index_copy(0, torch.cat(rows), torch.cat(reads))
@@ -729,7 +882,7 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
             out = out * (torch.rand(n_audio, 1, device=out.device) >= drop).to(out.dtype)
         loss = (torch.stack(losses).mean() if losses else None, len(losses))
         if not self.context_readout_feeds_lm:
-            return torch.zeros_like(out), loss, [None] * len(per_row)
+            return torch.zeros_like(out), loss, [None] * len(speaker_rows)
         return out, loss, pointers
 
     @staticmethod
@@ -789,6 +942,7 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         candidate_input_ids: Optional[torch.LongTensor] = None,
         candidate_attention_mask: Optional[torch.Tensor] = None,
         num_enrolled_queries_in_batch: Optional[int] = None,
+        num_queries_in_batch: Optional[int] = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""Language-model pass with the audio tokens spliced in.
@@ -811,24 +965,28 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
                 target tokens, `(n_targets, vocab)` in row-major order (the loss needs no others).
             position_ids: Defaults to positions counted from `attention_mask`.
             cache: Key/value cache (`past_key_values` is accepted as its old name).
-            candidate_input_ids / candidate_attention_mask: Accepted and ignored, so one
-                processor output feeds both `forward` and `classify`.
+            candidate_input_ids / candidate_attention_mask: The candidates `classify` scores; in
+                training, the SI route's cross-entropy runs over them (`config.si_route`), else
+                they are ignored, so one processor output feeds both `forward` and `classify`.
             num_enrolled_queries_in_batch: With `num_items_in_batch` (the target tokens of the
                 whole batch, as transformers' Trainer passes it), when this call is one
                 micro-batch of a larger batch: the batch's rows with K >= 1, over which the
                 matching loss averages. The LM loss is then the sum over this call's targets /
                 `num_items_in_batch` and the matching loss this call's share of the batch mean,
                 so the micro-batches' losses add up to the whole batch's.
+            num_queries_in_batch: Likewise the batch's rows, over which the SI route's loss
+                averages (`config.si_route`).
 
         Raises:
             ValueError: placeholder count ≠ `num_audio_tokens` × number of audios, or both
                 `input_features` and `audio_hidden_states` given.
         """
+        answers = None
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("Pass input_ids (or inputs_embeds).")
-            answers = None
-            if labels is not None and self.context_readout is not None and self.config.context_readout_loss_coef:
+            if labels is not None and ((self.context_readout is not None and self.config.context_readout_loss_coef)
+                                       or (self.speaker_routes is not None and self.config.si_route_loss_coef)):
                 answers = self._query_answers(labels)
             prompt = self._embed_with_audio(
                 input_ids, input_features, feature_attention_mask, audio_hidden_states, audio_hidden_mask,
@@ -862,7 +1020,62 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
             if num_enrolled_queries_in_batch:  # a micro-batch of a larger batch: its share of the batch mean
                 readout_loss = readout_loss * prompt.readout_loss_rows / num_enrolled_queries_in_batch
             outputs.loss = outputs.loss + self.config.context_readout_loss_coef * readout_loss.to(outputs.loss.dtype)
+        if (outputs.loss is not None and self.speaker_routes is not None and self.config.si_route_loss_coef
+                and prompt.speaker_rows is not None and candidate_input_ids is not None):
+            si_loss, si_rows = self._si_route_loss(prompt.speaker_rows, answers, audio_label_ids, candidate_input_ids,
+                                                   candidate_attention_mask)
+            if si_loss is not None:
+                if num_queries_in_batch:  # a micro-batch of a larger batch: its share of the batch mean
+                    si_loss = si_loss * si_rows / num_queries_in_batch
+                outputs.loss = outputs.loss + self.config.si_route_loss_coef * si_loss.to(outputs.loss.dtype)
         return outputs
+
+    def _candidate_embeddings(self, cands: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
+        """`(B, C, L)` candidate ids and mask → `(B, C, W)` label embeddings (as the read-out's)."""
+        embeds = self._label_embeddings(cands.masked_fill(cand_mask == 0, -100).flatten(0, 1))
+        return embeds.float().view(*cands.shape[:2], -1)
+
+    def _si_route_loss(self, speaker_rows: list, answers: list, audio_label_ids: Optional[torch.Tensor],
+                       candidate_input_ids, candidate_attention_mask):
+        """Cross-entropy of the SI route over the candidates: `(mean over rows, rows)`, `(None, 0)`
+        when no row has a target among the candidates.
+
+        A row's examples: its query (the normalized head when the row has enrollment, else the
+        raw one) and each enrollment utterance, on the raw head (the speaker-independent task,
+        five times the examples of the queries alone) and, with `NORMALIZED_ENROLLMENT_MIN_K`
+        or more of them, on the normalized head too (its statistics then hardly depend on the
+        utterance itself).
+        """
+        cands, cand_mask = self._expand_candidates(candidate_input_ids, candidate_attention_mask, len(speaker_rows))
+        cand_embeds = self._candidate_embeddings(cands, cand_mask)
+        normalized_head = self.speaker_routes.normalized is not None
+        losses = []
+        for row, speaker in enumerate(speaker_rows):
+            options = [[i for i, keep in zip(ids, kept) if keep] for ids, kept in zip(cands[row].tolist(), cand_mask[row].tolist())]
+            index_of = {tuple(ids): c for c, ids in reversed(list(enumerate(options)))}
+            terms = []
+
+            def add(summaries: torch.Tensor, normalized: bool, targets: list) -> None:
+                keep = [i for i, t in enumerate(targets) if t is not None]
+                if keep:
+                    logits = self.speaker_routes.logits(summaries[keep], normalized, cand_embeds[row])
+                    target = torch.tensor([targets[i] for i in keep], device=logits.device)
+                    terms.append(nn.functional.cross_entropy(logits, target, reduction="none"))
+
+            if speaker.last_query and answers is not None:
+                add(speaker.query_summaries[-1:], len(speaker.memory) > 0, [index_of.get(tuple(answers[row]))])
+            if len(speaker.enrolled) and audio_label_ids is not None:
+                targets = [index_of.get(tuple(i for i in ids if i != -100))
+                           for ids in audio_label_ids[speaker.enrolled].tolist()]
+                own = speaker.memory[-len(speaker.enrolled):]  # the row's labelled audios come last
+                add(own, False, targets)
+                if normalized_head and len(speaker.memory) >= NORMALIZED_ENROLLMENT_MIN_K:
+                    add(speaker.memory_summaries[-len(speaker.enrolled):], True, targets)
+            if terms:
+                losses.append(torch.cat(terms).mean())
+        if not losses:
+            return None, 0
+        return torch.stack(losses).mean(), len(losses)
 
     def _loss_at_targets(self, inputs_embeds, attention_mask, position_ids, cache, use_cache, labels, kwargs):
         """Shifted LM loss with logits only for the target tokens.
@@ -916,8 +1129,9 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         enrollment_context: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         cache: Optional[Cache] = None,
+        return_routes: bool = False,
         **unused,
-    ) -> torch.Tensor:
+    ) -> Union[torch.Tensor, dict]:
         """Closed-set probabilities of the candidate labels for each sample.
 
         Each candidate (the tokens of its answer text, e.g. `" happiness\\n"`) is scored by its
@@ -939,8 +1153,14 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
                 (pass a fresh one per call). Scores equal those of the whole prompt in one pass.
                 With an enrollment read-out, pass the prefix's `enrollment_context` too.
 
+            return_routes: Return each route's probabilities instead of their mixture: a dict
+                `{"lm", "si", "prototype"}` of `(batch, n_labels)` (None for a route the model
+                lacks; NaN rows where a route cannot score), from which `mix_routes` gives the
+                mixture for any `route_weights` (train.py chooses them this way).
+
         Returns:
-            `(batch, n_labels)` probabilities (rows sum to 1), in the candidates' order.
+            `(batch, n_labels)` probabilities (rows sum to 1), in the candidates' order: the LM's,
+            mixed with the SI and prototype routes by `config.route_weights` when set.
 
         Raises:
             ValueError: right-padded prompts, a mask that does not cover prefix + prompt, empty
@@ -994,7 +1214,35 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         probs = (scores / cand_mask.sum(-1)).softmax(-1)
         if self.config.context_readout_pointer and prompt.pointers is not None:
             probs = self._mix_pointers(probs, prompt.pointers, cands, cand_mask)
-        return probs
+        if not (return_routes or self.config.route_weights or self.config.route_weights_without_enrollment):
+            return probs
+        routes = self._route_probabilities(probs, prompt.speaker_rows, cands, cand_mask)
+        return routes if return_routes else mix_routes(routes, self.config.route_weights,
+                                                       self.config.route_weights_without_enrollment)
+
+    def _route_probabilities(self, probs: torch.Tensor, speaker_rows: Optional[list], cands: torch.Tensor,
+                             cand_mask: torch.Tensor) -> dict:
+        """`{"lm": probs, "si": (B, C) or None, "prototype": (B, C)}` for `classify`'s mixture; the
+        rows a route cannot score (no enrollment for the prototype route) are NaN."""
+        routes = {"lm": probs, "si": None, "prototype": None}
+        if speaker_rows is None:
+            return routes
+        cand_embeds = self._candidate_embeddings(cands, cand_mask)
+        nan = torch.full(probs.shape, float("nan"), device=probs.device)
+        prototype, si = nan.clone(), (nan.clone() if self.speaker_routes is not None else None)
+        for b, row in enumerate(speaker_rows):
+            if not row.last_query:
+                continue
+            query = row.query_summaries[-1]
+            if si is not None:
+                si[b] = self.speaker_routes.logits(query[None], len(row.memory) > 0, cand_embeds[b]).softmax(-1)[0]
+            if len(row.memory):
+                point = prototype_probabilities(query, row.memory_summaries, row.memory_labels, cand_embeds[b],
+                                                float(self.config.prototype_temperature))
+                if point is not None:
+                    prototype[b] = point
+        routes.update(si=si, prototype=prototype)
+        return routes
 
     def _mix_pointers(self, probs: torch.Tensor, pointers: list, cands: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
         """Pointer-generator mixture: row b's probabilities become `(1 − m) · probs + pointer`,
@@ -1002,16 +1250,14 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         candidate with that label and `m` is its total (the rest, "none" and labels outside the
         candidates, stays with the LM). Labels are matched by their answer embeddings, which
         are the same for the same tokens; this works for a profile's enrollment too."""
-        cand_embeds = self._label_embeddings(cands.masked_fill(cand_mask == 0, -100).flatten(0, 1))
-        cand_embeds = cand_embeds.float().view(*cands.shape[:2], -1)  # (B, n_labels, W)
+        cand_embeds = self._candidate_embeddings(cands, cand_mask)  # (B, n_labels, W)
         mixed = []
         for b, pointer in enumerate(pointers):
             if pointer is None:
                 mixed.append(probs[b])
                 continue
             mass, label_embeds = pointer
-            distance, match = torch.cdist(label_embeds.float(), cand_embeds[b]).min(-1)
-            found = distance <= 1e-4 * cand_embeds[b].norm(dim=-1).mean()
+            match, found = match_labels(label_embeds, cand_embeds[b])
             point = torch.zeros_like(probs[b]).index_add_(0, match[found], mass[found].to(probs.dtype))
             mixed.append((1 - point.sum()) * probs[b] + point)
         return torch.stack(mixed)

@@ -240,11 +240,12 @@ def test_readout_dropout_only_while_training(make_audio):
     placeholders = batch["input_ids"] == model.config.audio_token_id
     hidden, mask = model.get_audio_features(batch["input_features"], batch["feature_attention_mask"])
     with torch.no_grad():
+        rows, labelled = model._speaker_rows(placeholders, hidden, mask, batch["audio_label_ids"], None)
         model.eval()
-        kept, _, _ = model._read_enrollment(placeholders, hidden, mask, batch["audio_label_ids"], None)
+        kept, _, _ = model._read_enrollment(rows, labelled, batch["audio_label_ids"], None)
         model.train()
         torch.manual_seed(0)
-        dropped, _, _ = model._read_enrollment(placeholders, hidden, mask, batch["audio_label_ids"], None)
+        dropped, _, _ = model._read_enrollment(rows, labelled, batch["audio_label_ids"], None)
     model.eval()
     queries = (batch["audio_label_ids"] == -100).all(-1)
     assert bool((kept[queries].abs().sum(-1) > 0).all())  # every query is read at inference
