@@ -48,6 +48,9 @@ REPO_ROOT = Path(__file__).resolve().parent
 BASELINE_METHODS = ("si", "si_norm", "si_finetune", "prototypes", "speaker_embedding", "enroll_prototypes")
 LM_METHODS = ("slm_no_icl", "icl")
 METHODS = BASELINE_METHODS + LM_METHODS
+# The routes of a routed icl model, reported beside its mixture as icl_<route> (a route that
+# cannot score an episode, the prototype route at K = 0, falls back to the LM there).
+ROUTE_METHODS = ("lm", "si", "prototype")
 METHOD_TITLES = {
     "si": "SI (speaker-independent)",
     "si_norm": "SI + speaker normalization",
@@ -57,6 +60,9 @@ METHOD_TITLES = {
     "enroll_prototypes": "Enrollment-standardized prototypes (no training)",
     "slm_no_icl": "Speech LM without ICL training",
     "icl": "ICL (meta-trained, proposed)",
+    "icl_lm": "  ICL: its LM route alone",
+    "icl_si": "  ICL: its SI route alone",
+    "icl_prototype": "  ICL: its prototype route alone (LM at K = 0)",
 }
 
 
@@ -441,6 +447,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     from evaluation.baselines import make_baseline, pool_features
     from evaluation.episodic import EncodedUtterances, native_bf16_available, predict_episodes
     from evaluation.metrics import summarize
+    from modeling_icl_ser.modeling_icl_ser import mix_routes
 
     datasets.disable_progress_bars()
     started = time.time()
@@ -507,12 +514,28 @@ def main(argv: Optional[list[str]] = None) -> dict:
         encoded = encode(model, processor, rows) if len(rows) else None
         device_type = next(model.parameters()).device.type
         # The same bf16 autocast train.py validates under, where the hardware has it.
+        # A model with routes (read-out or SI route) is scored once per route; its own answer is
+        # their mixture by the weights chosen on validation speakers (config.route_weights), and
+        # each route is reported beside it (icl_lm, icl_si, icl_prototype) to show what it holds.
+        routed = name == "icl" and (model.context_readout is not None or model.speaker_routes is not None)
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=native_bf16_available(device_type)):
             for (mode, k), eps in episodes.items():
-                probabilities[(name, mode, k)] = predict_episodes(
+                scored = predict_episodes(
                     model, collator, eps, paths, labels, encoded, batch_size=args.batch_size,
-                    show_progress=True, description=f"{name} {mode} K={k}",
+                    show_progress=True, description=f"{name} {mode} K={k}", return_routes=routed,
                 )
+                if not routed:
+                    probabilities[(name, mode, k)] = scored
+                    continue
+                probabilities[(name, mode, k)] = mix_routes(
+                    {route: None if p is None else torch.from_numpy(p) for route, p in scored.items()},
+                    model.config.route_weights, model.config.route_weights_without_enrollment).numpy()
+                for route, p in scored.items():
+                    if p is not None:
+                        alone = mix_routes({"lm": torch.from_numpy(scored["lm"]), route: torch.from_numpy(p)}, {route: 1.0})
+                        probabilities[(f"icl_{route}", mode, k)] = alone.numpy()
+        if routed:
+            methods += [f"icl_{route}" for route in ROUTE_METHODS if any(key[0] == f"icl_{route}" for key in probabilities)]
 
     for (name, mode, k), probs in probabilities.items():
         eps = episodes[(mode, k)]
@@ -657,6 +680,21 @@ def plot_results(report: dict, output_dir: Path) -> list[str]:
     return written
 
 
+def evaluation_key(report: dict) -> str:
+    """The setting an evaluation reports on, as the card's block title: corpus, speakers, protocol."""
+    settings = report["settings"]
+    speakers = "every speaker (never trained on)" if settings.get("test_speakers") == ["all"] else "test speakers"
+    enrollment = "content-disjoint enrollment" if settings.get("content_disjoint") else "plain enrollment"
+    return f"{report['corpus']}, {speakers}, {enrollment}"
+
+
+def _card_blocks(text: str) -> list[str]:
+    """The evaluation blocks (`<!-- eval: ... -->` to `<!-- /eval -->`) of an existing card."""
+    import re
+
+    return re.findall(r"<!-- eval: .*? -->.*?<!-- /eval -->", text, flags=re.DOTALL)
+
+
 def _card_field(text: str, name: str) -> Optional[str]:
     import re
 
@@ -694,10 +732,14 @@ def model_card(report: dict, args: EvalArguments) -> str:
             data = ModelCardData(**{**old, "datasets": datasets_seen})
         except Exception as error:  # a hand-edited card with odd metadata: start from defaults
             logger.warning("Could not reuse the model card's metadata (%s); writing defaults.", error)
+    key = evaluation_key(report)
     table = (
-        f"Evaluated with `eval.py` on the test speakers of **{report['corpus']}** "
-        f"(methods: {', '.join(report['methods'])}).\n\n" + results_markdown(report)
+        f"<!-- eval: {key} -->\n### {key}\n\nEvaluated with `eval.py` on the test speakers of **{report['corpus']}** "
+        f"(methods: {', '.join(report['methods'])}).\n\n" + results_markdown(report) + "\n<!-- /eval -->"
     )
+    # One block per evaluated setting: a new evaluation replaces its own block and keeps the others.
+    kept = [block for block in _card_blocks(existing) if not block.startswith(f"<!-- eval: {key} -->")]
+    table = "\n\n".join([*kept, table])
     card = ModelCard.from_template(
         data, template_path=str(REPO_ROOT / "model_card.md"),
         model_id=Path(args.model).name if args.model else None,

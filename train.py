@@ -50,6 +50,7 @@ from modeling_icl_ser import IclSerDataCollator, save_with_pipeline
 from modeling_icl_ser.backbones import DEFAULT_AUDIO_FEATURE_LAYER, DEFAULT_CONTEXT_READOUT_HEADS
 from evaluation.episodic import EncodedUtterances, episode_example, native_bf16_available, predict_episodes
 from evaluation.metrics import unweighted_accuracy
+from evaluation.route_weights import ROUTE_NAMES, choose_route_weights, mixed_predictions
 
 logger = logging.getLogger("icl_ser.train")
 REPO_ROOT = Path(__file__).resolve().parent
@@ -81,6 +82,10 @@ class TrainingArguments:
     context_readout_heads: int = field(default=DEFAULT_CONTEXT_READOUT_HEADS, metadata={"help": "Heads of the enrollment read-out (query vs enrollment utterances → their label words on the query's tokens and the LM's output; docs/RESULTS.md); 0 = none."})
     context_readout_dim: int = field(default=64, metadata={"help": "Width of each read-out head's metric space (smaller = fewer parameters to fit the training speakers)."})
     context_readout_dropout: float = field(default=0.5, metadata={"help": "Share of training queries without their read-out (the LM keeps learning to label speech itself; docs/RESULTS.md)."})
+    speaker_normalization: bool = field(default=False, metadata={"help": "Standardize utterance summaries by the speaker's enrollment (label-free speaker normalization) before the read-out and the routes (IclSerConfig.speaker_normalization)."})
+    si_route: bool = field(default=False, metadata={"help": "Add the speaker-independent route (summary → label-word embeddings), trained beside the LM loss (IclSerConfig.si_route)."})
+    si_route_loss_coef: float = field(default=1.0, metadata={"help": "Weight of the SI route's cross-entropy."})
+    route_weight_step: float = field(default=0.1, metadata={"help": "At each validation, choose how classify mixes the LM, SI and prototype routes on a grid of this step (best mean validation UA over --eval_k; exported in the config); 0 = the LM alone. Needs a read-out or --si_route."})
     readout_stage_steps: Optional[int] = field(default=None, metadata={"help": "Two-stage schedule: the last N of --max_steps train only the enrollment read-out (LM, adapters and projector fixed, the learning-rate schedule restarted); before them the LM trains without the read-out's vector, so its K = 0 skill is undisturbed. The best checkpoint is chosen among stage-2 validations. Default: a third of --max_steps with a read-out; 0 = one stage (docs/RESULTS.md)."})
     # what is trained
     encoder_mode: str = field(default="frozen", metadata={"help": "frozen (cached features), lora or full."})
@@ -196,7 +201,9 @@ def build_model(args: TrainingArguments, labels: list[str]):
 
     audio_settings = {"audio_pooling": args.audio_pooling, "audio_feature_layer": args.audio_feature_layer or None,
                       "audio_token_dropout": args.audio_token_dropout, "context_readout_heads": args.context_readout_heads,
-                      "context_readout_dim": args.context_readout_dim, "context_readout_dropout": args.context_readout_dropout}
+                      "context_readout_dim": args.context_readout_dim, "context_readout_dropout": args.context_readout_dropout,
+                      "speaker_normalization": args.speaker_normalization, "si_route": args.si_route,
+                      "si_route_loss_coef": args.si_route_loss_coef}
     audio_settings.update({name: getattr(args, name) for name in ("enrollment_template", "query_template")
                            if getattr(args, name) is not None})
     settings = {"num_audio_tokens": args.num_audio_tokens, "language_model_layers": args.language_model_layers or None,
@@ -232,7 +239,8 @@ def apply_adapters(model, args: TrainingArguments):
         top = "|".join(str(i) for i in range(max(0, n_encoder_layers - args.encoder_lora_layers), n_encoder_layers))
         patterns.append(rf"audio_tower\..*layers\.({top})\..*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)")
     # The projector and the read-out are new: they always train in full.
-    trained_modules = ["projector"] + (["context_readout"] if base(model).context_readout is not None else [])
+    trained_modules = ["projector"] + [name for name in ("context_readout", "speaker_routes")
+                                       if getattr(base(model), name) is not None]
     if patterns:
         config = peft.LoraConfig(
             r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
@@ -349,6 +357,7 @@ def length_grouped_batches(examples: list[dict], groups: int, collator) -> list[
     for batch in batches:
         batch["num_items_in_batch"] = max(n_targets, 1)
         batch["num_enrolled_queries_in_batch"] = n_enrolled
+        batch["num_queries_in_batch"] = len(examples)
     return batches
 
 
@@ -401,17 +410,43 @@ def prepare_episodes(args, accelerator, table, labels, model, processor) -> Epis
 
 
 # ---------------------------------------------------------------------------- validation
-def validate(model, collator, data: EpisodeData, accelerator) -> dict[str, float]:
-    """UA on the fixed validation episodes at each K (computed on the main process)."""
+def validate(model, collator, data: EpisodeData, accelerator, route_weight_step: float = 0.0) -> dict[str, float]:
+    """UA on the fixed validation episodes at each K (computed on the main process).
+
+    With `route_weight_step` and a model with routes (read-out or SI route), the route weights
+    are chosen here on these episodes (`evaluation.route_weights`), set in the model's config
+    (the export carries them) and the UA is the mixture's; each route's own UA is logged too.
+    """
     scores = {}
     if accelerator.is_main_process:
         inner = base(accelerator.unwrap_model(model))
-        for k, episodes in data.validation.items():
-            with accelerator.autocast():
-                probabilities = predict_episodes(inner, collator, episodes, data.paths, data.labels, data.encoded)
-            predictions = [data.labels[i] for i in probabilities.argmax(-1)]
-            scores[f"val_ua_k{k}"] = unweighted_accuracy(predictions, [e["emotion"] for e in episodes])
-        scores["val_ua_mean"] = float(np.mean(list(scores.values())))
+        routed = bool(route_weight_step) and (inner.context_readout is not None or inner.speaker_routes is not None)
+        truths = {k: [e["emotion"] for e in episodes] for k, episodes in data.validation.items()}
+        if routed:
+            inner.config.route_weights = inner.config.route_weights_without_enrollment = None
+            routes = {}
+            for k, episodes in data.validation.items():
+                with accelerator.autocast():
+                    routes[k] = predict_episodes(inner, collator, episodes, data.paths, data.labels, data.encoded,
+                                                 return_routes=True)
+            weights, without, chosen = choose_route_weights(routes, truths, data.labels, step=route_weight_step)
+            inner.config.route_weights, inner.config.route_weights_without_enrollment = weights, without
+            scores.update({f"val_ua_k{k}": ua for k, ua in chosen.items()})
+            for name in ROUTE_NAMES:
+                for k, by_route in routes.items():
+                    if by_route.get(name) is not None:
+                        predicted = mixed_predictions(by_route, {name: 1.0})
+                        scores[f"route_{name}_ua_k{k}"] = unweighted_accuracy([data.labels[i] for i in predicted], truths[k])
+            for prefix, chosen_weights in (("route_weight", weights), ("route_weight_k0", without)):
+                if chosen_weights is not None:
+                    scores.update({f"{prefix}_{name}": float(chosen_weights.get(name, 0.0)) for name in ROUTE_NAMES})
+        else:
+            for k, episodes in data.validation.items():
+                with accelerator.autocast():
+                    probabilities = predict_episodes(inner, collator, episodes, data.paths, data.labels, data.encoded)
+                predictions = [data.labels[i] for i in probabilities.argmax(-1)]
+                scores[f"val_ua_k{k}"] = unweighted_accuracy(predictions, truths[k])
+        scores["val_ua_mean"] = float(np.mean([scores[f"val_ua_k{k}"] for k in data.validation]))
     return scores
 
 
@@ -645,7 +680,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
         last = state["step"] == args.max_steps
         if (args.eval_every and state["step"] % args.eval_every == 0) or last:
-            scores = validate(model, collator, data, accelerator)
+            scores = validate(model, collator, data, accelerator, args.route_weight_step)
             record.update(scores)
             if accelerator.is_main_process:
                 accelerator.print(f"step {state['step']}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
@@ -684,7 +719,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 def write_metrics_row(path: Path, record: dict, eval_k: list[int]) -> None:
     """Append one step to ``metrics.csv``; the header names every validation column from the start."""
-    fields = ["step", "loss", "lr", "val_ua_mean"] + [f"val_ua_k{k}" for k in eval_k]
+    fields = (["step", "loss", "lr", "val_ua_mean"] + [f"val_ua_k{k}" for k in eval_k]
+              + [f"route_{name}_ua_k{k}" for name in ROUTE_NAMES for k in eval_k]
+              + [f"route_weight_{name}" for name in ROUTE_NAMES] + [f"route_weight_k0_{name}" for name in ROUTE_NAMES])
     new = not path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", newline="") as handle:
@@ -738,7 +775,7 @@ def finish(args, accelerator, model, processor, data, state, backbones, started,
         accelerator.print(f"Loaded the best validation weights (step {state['best_step']}).")
         scores = {}
     if not scores:
-        scores = validate(model, collator, data, accelerator)
+        scores = validate(model, collator, data, accelerator, args.route_weight_step)
     summary = {
         "backbones": backbones,
         "steps": state["step"],

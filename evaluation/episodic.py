@@ -128,8 +128,13 @@ def predict_episodes(
     batch_size: int = 8,
     show_progress: bool = False,
     description: str = "episodes",
-) -> np.ndarray:
+    return_routes: bool = False,
+) -> Union[np.ndarray, dict[str, Optional[np.ndarray]]]:
     """Class probabilities ``(n_episodes, len(labels))`` of ``model.classify`` on episodes.
+
+    With ``return_routes``, a dict of such arrays per route instead (``classify(...,
+    return_routes=True)``: "lm", "si", "prototype"; None for a route the model lacks, NaN rows
+    where a route cannot score), for ``evaluation.route_weights``.
 
     An episode with its own ``labels`` (episodes of several corpora) is scored over those only:
     episodes are batched by label set, and the columns of ``labels`` outside an episode's set
@@ -155,16 +160,25 @@ def predict_episodes(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    probabilities = np.zeros((len(episodes), len(labels)), dtype=np.float32)
+    routes: dict[str, Optional[np.ndarray]] = {}
     batches = [(group, indices[start : start + batch_size])
                for group, indices in groups.items() for start in range(0, len(indices), batch_size)]
     for group, indices in tqdm(batches, desc=description, disable=not show_progress):
         batch = collator([episode_example(episodes[i], paths, encoded) for i in indices])
         batch = {name: value.to(device) for name, value in batch.items()}
         columns = [labels.index(label) for label in group]
-        probabilities[np.ix_(indices, columns)] = model.classify(**batch).float().cpu().numpy()
+        scored = model.classify(**batch, return_routes=return_routes)
+        for name, value in (scored.items() if return_routes else [("mixed", scored)]):
+            if value is None:
+                routes.setdefault(name, None)
+                continue
+            if routes.get(name) is None:
+                routes[name] = np.zeros((len(episodes), len(labels)), dtype=np.float32)
+            routes[name][np.ix_(indices, columns)] = value.float().cpu().numpy()
     model.train(was_training)
-    return probabilities
+    if return_routes:
+        return routes
+    return routes.get("mixed", np.zeros((len(episodes), len(labels)), dtype=np.float32))
 
 
 def with_audio_paths(episodes: "datasets.Dataset", utterances: "datasets.Dataset") -> "datasets.Dataset":

@@ -84,7 +84,9 @@ def test_full_tiny_run_writes_all_outputs(models, tmp_path):
                        "--methods", "all", "--k", "0", "2", "--mode", "arbitrary", "balanced",
                        "--labels", *labels, "--episodes_per_speaker", "6",
                        "--update_model_card", "--output_dir", str(out)])
-    methods = ["si", "si_norm", "si_finetune", "prototypes", "speaker_embedding", "enroll_prototypes", "slm_no_icl", "icl"]
+    # The meta-trained model has a read-out, so its routes are scored too and reported beside it.
+    methods = ["si", "si_norm", "si_finetune", "prototypes", "speaker_embedding", "enroll_prototypes", "slm_no_icl", "icl",
+               "icl_lm", "icl_prototype"]
     assert report["methods"] == methods
 
     saved = json.loads((out / "results.json").read_text())
@@ -227,3 +229,21 @@ def test_content_disjoint_test_episodes(acted, tmp_path):
                        "--output_dir", str(tmp_path)])
     assert report["settings"]["content_disjoint"] is True
     assert "`arbitrary` content-disjoint enrollment" in (tmp_path / "results.md").read_text()
+
+
+def test_model_card_keeps_one_block_per_evaluated_setting():
+    import eval as eval_script
+
+    def report(corpus, test_speakers, disjoint):
+        return {"corpus": corpus, "settings": {"test_speakers": test_speakers, "content_disjoint": disjoint}}
+
+    keys = {eval_script.evaluation_key(report("ased", ["all"], True)),
+            eval_script.evaluation_key(report("ased", None, True)),
+            eval_script.evaluation_key(report("ased", None, False)),
+            eval_script.evaluation_key(report("ravdess", None, False))}
+    assert len(keys) == 4 and "content-disjoint" in eval_script.evaluation_key(report("ased", ["all"], True))
+    card = ("intro\n<!-- eval: a -->\n### a\n| t |\n<!-- /eval -->\n\n"
+            "<!-- eval: b -->\n### b\n| u |\n<!-- /eval -->\nUA = ...")
+    blocks = eval_script._card_blocks(card)
+    assert [b.splitlines()[0] for b in blocks] == ["<!-- eval: a -->", "<!-- eval: b -->"]
+    assert blocks[1].endswith("<!-- /eval -->") and "| t |" not in blocks[1]
