@@ -718,6 +718,7 @@ def model_card(report: dict, args: EvalArguments) -> str:
         "num_audio_tokens": _card_field(existing, "Speech tokens per utterance"),
         "audio_feature_layer": _card_field(existing, "Encoder block read"),
         "context_readout": _card_field(existing, "Enrollment read-out"),
+        "routes": _card_field(existing, "Routes mixed by `classify`"),
         "labels": _card_field(existing, "Label vocabulary") or ", ".join(report["labels"]),
     }
     data = ModelCardData(

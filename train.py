@@ -530,6 +530,7 @@ def export(model, processor, args: TrainingArguments, summary: dict, output_dir:
         context_readout=(f"{inner.config.context_readout_heads} heads (IclSerContextReadout: the query's likeness to each "
                          "enrollment utterance, their label words' embeddings on its tokens and on the LM's output)"
                          if inner.config.context_readout_heads else "none"),
+        routes=describe_routes(inner.config),
         labels=", ".join(processor.labels),
         training_summary=training_summary(args, summary),
     )
@@ -539,6 +540,23 @@ def export(model, processor, args: TrainingArguments, summary: dict, output_dir:
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
     return final
+
+
+def describe_routes(config) -> str:
+    """The card's line on how `classify` mixes its routes (chosen on validation speakers)."""
+    def weights(chosen) -> str:
+        return ", ".join(f"{name} {float(value):.1f}" for name, value in chosen.items() if float(value) > 0)
+
+    parts = []
+    if config.route_weights:
+        parts.append(f"with enrollment: {weights(config.route_weights)}")
+    if config.route_weights_without_enrollment:
+        parts.append(f"without enrollment: {weights(config.route_weights_without_enrollment)}")
+    if not parts:
+        return "the LM alone"
+    extras = [name for name, on in (("speaker normalization by the enrollment", config.speaker_normalization),
+                                    ("an SI route", config.si_route)) if on]
+    return "; ".join(parts) + " (weights chosen on validation speakers" + (f"; {', '.join(extras)}" if extras else "") + ")"
 
 
 def training_summary(args: TrainingArguments, summary: dict) -> str:
@@ -747,12 +765,27 @@ def plot_learning_curve(metrics_csv: Path, png: Path) -> Optional[Path]:
     evaluated = [r for r in rows if r.get("val_ua_mean")]
     if not evaluated:
         return None
-    figure, (ua_axis, loss_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
+    route_columns = [c for c in rows[0] if c.startswith("route_") and "_ua_k" in c and any(r.get(c) for r in evaluated)]
+    panels = 3 if route_columns else 2
+    figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8))
+    ua_axis, loss_axis = axes[0], axes[1]
     for column in columns:
         points = [(int(r["step"]), float(r[column])) for r in evaluated if r.get(column)]
         ua_axis.plot(*zip(*points), marker="o", label=f"K = {column[len('val_ua_k'):]}")
     ua_axis.set(xlabel="step", ylabel="validation UA", title="Validation UA by enrollment size")
     ua_axis.legend(fontsize=8)
+    if route_columns:  # each route alone at the smallest and largest K: what the mixture draws on
+        ks = sorted({int(c.rsplit("_k", 1)[1]) for c in route_columns})
+        colors = {"lm": "tab:blue", "si": "tab:red", "prototype": "tab:green"}
+        for column in route_columns:
+            route, k = column[len("route_"):].split("_ua_k")
+            if int(k) not in (ks[0], ks[-1]) or (route == "prototype" and int(k) == 0):
+                continue  # without enrollment the prototype route falls back to the LM
+            points = [(int(r["step"]), float(r[column])) for r in evaluated if r.get(column)]
+            axes[2].plot(*zip(*points), marker="o", color=colors.get(route), label=f"{route}, K = {k}",
+                         linestyle="-" if int(k) == ks[-1] else ":")
+        axes[2].set(xlabel="step", ylabel="validation UA", title="Each route alone")
+        axes[2].legend(fontsize=7)
     loss_axis.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], linewidth=0.6)
     loss_axis.set(xlabel="step", ylabel="training loss", yscale="log", title="Training loss")
     figure.tight_layout()

@@ -12,7 +12,10 @@ SmolLM2-135M, random projector: fine for timing), prints
 Goal: at K = 8 a profiled query costs <= 1.3x a K = 0 query and <= 0.3x the same query
 without a profile.
 
-    python bench/bench_pipeline.py [--seconds 3] [--repeats 5] [--queries 32] [--threads N] [--tiny-only]
+    python bench/bench_pipeline.py [--seconds 3] [--repeats 5] [--queries 32] [--threads N] [--tiny-only] [--routed]
+
+`--routed` benchmarks the real-speech recipe's kind of model (speaker normalization, SI route,
+every route mixed), whose `classify` also scores the routes.
 """
 
 from __future__ import annotations
@@ -97,6 +100,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=32, help="queries for the throughput rows")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--tiny-only", action="store_true", help="skip the offline model")
+    parser.add_argument("--routed", action="store_true",
+                        help="the real-speech recipe's model: speaker normalization, SI route, all routes mixed")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -106,6 +111,9 @@ def main() -> None:
 
     # With the enrollment read-out train.py gives every model (its cost is part of a query's).
     readout = {"context_readout_heads": DEFAULT_CONTEXT_READOUT_HEADS}
+    if args.routed:  # what configs/real-speech.yaml exports: every route scored and mixed
+        readout.update(speaker_normalization=True, si_route=True, route_weights={"lm": 0.4, "si": 0.3, "prototype": 0.3},
+                       route_weights_without_enrollment={"lm": 0.5, "si": 0.5})
     bench("tiny random model", *tiny_icl_ser(**readout), args)
     if args.tiny_only:
         return

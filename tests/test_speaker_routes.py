@@ -185,3 +185,15 @@ def test_choose_route_weights_trusts_the_route_that_is_right():
     assert without["si"] > 0.5 and weights["prototype"] > 0.5 and scores[0] == 1.0
     with pytest.raises(ValueError, match="same K"):
         choose_route_weights(routes, {0: truths[0]}, labels)
+
+
+def test_model_card_names_the_chosen_route_weights():
+    import train
+
+    config = IclSerConfig(si_route=True, speaker_normalization=True,
+                          route_weights={"lm": 0.1, "si": 0.5, "prototype": 0.4},
+                          route_weights_without_enrollment={"lm": 1.0, "si": 0.0})
+    line = train.describe_routes(config)
+    assert line.startswith("with enrollment: lm 0.1, si 0.5, prototype 0.4; without enrollment: lm 1.0 (")
+    assert "speaker normalization" in line and "SI route" in line
+    assert train.describe_routes(IclSerConfig()) == "the LM alone"
