@@ -802,7 +802,7 @@ def finish(args, accelerator, model, processor, data, state, backbones, started,
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     last = state["history"][-1] if state["history"] else {}
-    scores = {k: v for k, v in last.items() if k.startswith("val_ua_")}
+    scores = {k: v for k, v in last.items() if k.startswith(("val_ua_", "route_"))}
     if args.load_best_at_end and best_path.is_file() and state["best_step"] != state["step"]:
         unwrapped.load_state_dict(load_file(str(best_path)), strict=False)
         accelerator.print(f"Loaded the best validation weights (step {state['best_step']}).")

@@ -37,8 +37,14 @@ def test_few_steps_export_and_metrics(tmp_path):
     summary = train.main([*FAST, "--max_steps", "3", "--eval_every", "2", "--checkpoint_every", "2",
                           "--output_dir", str(tmp_path)])
     assert summary["steps"] == 3
-    assert set(summary["validation"]) == {"val_ua_k0", "val_ua_k4", "val_ua_k8", "val_ua_mean"}
+    # The default model has a read-out, so the validation also chooses the route weights and
+    # logs each route's own UA (the SI route only with --si_route).
+    ua_keys = {"val_ua_k0", "val_ua_k4", "val_ua_k8", "val_ua_mean"}
+    route_keys = {f"route_{route}_ua_k{k}" for route in ("lm", "prototype") for k in (0, 4, 8)}
+    weight_keys = {f"route_weight_{route}" for route in ("lm", "si", "prototype")}
+    assert set(summary["validation"]) == ua_keys | route_keys | weight_keys | {f"route_weight_k0_{r}" for r in ("lm", "si", "prototype")}
     assert all(0.0 <= v <= 1.0 for v in summary["validation"].values())
+    assert abs(sum(summary["validation"][key] for key in weight_keys) - 1.0) < 1e-6
     final = tmp_path / "final"
     files = set(os.listdir(final))
     assert {"config.json", "model.safetensors", "processor_config.json", "README.md", "modeling_icl_ser.py"} <= files
@@ -49,13 +55,18 @@ def test_few_steps_export_and_metrics(tmp_path):
     assert "Two stages: 2 steps" in card and "then 1 step(s) of the read-out alone" in card  # default: a third
     config = json.loads((final / "config.json").read_text())
     assert config["context_readout_heads"] == 4
+    assert abs(sum(config["route_weights"].values()) - 1.0) < 1e-6 and set(config["route_weights"]) <= {"lm", "prototype"}
+    assert "**Routes mixed by `classify`:** with enrollment:" in card
     from safetensors import safe_open
 
     with safe_open(str(final / "model.safetensors"), framework="pt") as weights:
         assert any(name.startswith("context_readout.") for name in weights.keys())  # it trained and exported
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
-    assert rows[0] == "step,loss,lr,val_ua_mean,val_ua_k0,val_ua_k4,val_ua_k8" and len(rows) == 4
-    assert len(rows[2].split(",")) == 7 and rows[2].split(",")[4]  # step 2 was validated
+    header = rows[0].split(",")
+    assert header[:7] == ["step", "loss", "lr", "val_ua_mean", "val_ua_k0", "val_ua_k4", "val_ua_k8"] and len(rows) == 4
+    assert "route_prototype_ua_k8" in header and "route_weight_k0_lm" in header
+    assert len(rows[2].split(",")) == len(header) and rows[2].split(",")[4]  # step 2 was validated
+    assert rows[2].split(",")[header.index("route_prototype_ua_k8")]  # with each route's UA
     assert (tmp_path / "checkpoints" / "step-2" / "trainer_state.json").is_file()
     assert (tmp_path / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
