@@ -94,6 +94,7 @@ class EvalArguments:
     mode: list[str] = field(default_factory=lambda: ["arbitrary"], metadata={"help": "arbitrary, balanced and/or exclude_query_class."})
     content_disjoint: bool = field(default=False, metadata={"help": "No enrollment utterance has the query's sentence (text); needs corpora with texts (not iemocap/synthetic)."})
     episodes_per_speaker: Optional[int] = field(default=None, metadata={"help": "Episodes per test speaker (default: every utterance is a query once)."})
+    unlabelled: int = field(default=0, metadata={"help": "U other utterances of the test speaker given without labels (never the query nor the enrollment; never the query's sentence with --content_disjoint): speaker statistics come from enrollment + unlabelled speech (icl, si_norm, enroll_prototypes). 0 = none."})
     # running
     batch_size: int = field(default=8, metadata={"help": "Episodes per classify call (LM methods)."})
     baseline_train_steps: int = field(default=1500, metadata={"help": "Minibatch steps of the baselines' head training."})
@@ -152,6 +153,8 @@ class EvalArguments:
                                  "--audio_encoder or --tiny.")
         if self.baseline_train_steps < 1:
             raise ValueError(f"--baseline_train_steps must be >= 1, got {self.baseline_train_steps}.")
+        if self.unlabelled < 0:
+            raise ValueError(f"--unlabelled must be >= 0 (0 = no unlabelled speech), got {self.unlabelled}.")
         if self.episodes_per_speaker is not None and self.episodes_per_speaker < 1:
             raise ValueError(f"--episodes_per_speaker must be >= 1, got {self.episodes_per_speaker}.")
 
@@ -229,10 +232,11 @@ def prepare_data(args: EvalArguments) -> dict[str, Any]:
     Raises ValueError (before any model is loaded) for a corpus without test speakers or
     episodes whose labels are outside the label set.
     """
-    from dataset_builder import parse_corpora, read_corpora, split_corpora, split_episodes
+    from dataset_builder import attach_unlabelled, build_pools, parse_corpora, read_corpora, split_corpora, split_episodes
 
     specs = parse_corpora(args.corpus, args.data_dir)
     table = read_corpora(specs, **parse_corpus_options(args.corpus_options))
+    pools = build_pools(table) if args.unlabelled else None
     labels = list(args.labels) if args.labels else sorted(set(table["emotion"]))
     if args.testing_all_speakers():  # cross-corpus: nothing of this corpus is trained on
         splits = {"train": [], "validation": [], "test": sorted(set(table["speaker"]))}
@@ -253,6 +257,9 @@ def prepare_data(args: EvalArguments) -> dict[str, Any]:
             )
             if not episodes[(mode, k)]:
                 raise ValueError(f"No {split} episodes for K={k} in mode {mode!r}: the {split} speakers are too small.")
+            if args.unlabelled:
+                episodes[(mode, k)] = attach_unlabelled(episodes[(mode, k)], pools, args.unlabelled, seed=args.seed,
+                                                        content_disjoint=args.content_disjoint)
     used = {e["emotion"] for es in episodes.values() for e in es} | {
         label for es in episodes.values() for e in es for label in e["enrollment_labels"]
     }
@@ -359,8 +366,19 @@ def run_baseline(method, episodes, pooled: dict[str, np.ndarray], description: s
     for episode in tqdm(episodes, desc=description, leave=False):
         pairs = [(i, label) for i, label in zip(episode["enrollment_ids"], episode["enrollment_labels"]) if label in known]
         enrollment = np.stack([pooled[i] for i, _ in pairs]) if pairs else None
-        rows.append(method.predict_proba(pooled[episode["query_id"]], enrollment, [label for _, label in pairs])[0])
+        unlabelled = [pooled[i] for i in episode.get("unlabelled_ids", ())]
+        rows.append(method.predict_proba(pooled[episode["query_id"]], enrollment, [label for _, label in pairs],
+                                         np.stack(unlabelled) if unlabelled else None)[0])
     return np.stack(rows)
+
+
+def baseline_options(name: str, args: EvalArguments) -> dict[str, Any]:
+    """A baseline's constructor options. With ``--unlabelled U``, ``si_norm`` also trains on
+    speaker statistics of the sizes it then sees (U + K utterances)."""
+    options: dict[str, Any] = {"seed": args.seed, "train_steps": args.baseline_train_steps}
+    if name == "si_norm" and args.unlabelled:
+        options["train_ks"] = tuple(sorted({1, 2, 4, 8} | {args.unlabelled + k for k in args.k}))
+    return options
 
 
 def restrict_to_labels(probabilities: np.ndarray, trained: list[str], target: list[str]) -> np.ndarray:
@@ -466,7 +484,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if "slm_no_icl" in methods:
         loaded["slm_no_icl"] = load_icl_model(args.baseline_model, device)
     paths = dict(zip(table["id"], table["path"]))
-    test_ids = {i for es in episodes.values() for e in es for i in [e["query_id"], *e["enrollment_ids"]]}
+    test_ids = {i for es in episodes.values() for e in es
+                for i in [e["query_id"], *e["enrollment_ids"], *e.get("unlabelled_ids", ())]}
     cache_dir = feature_cache_dir(args)
 
     # Features: each utterance encoded once per distinct encoder (cached on disk).
@@ -502,7 +521,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         train, validation = split_arrays("train"), split_arrays("validation")
         assert not test_ids & {i for i in fit_table["id"] if speaker_of[i] in set(fit_splits["train"])}
         for name in baseline_methods:
-            fitted[name] = make_baseline(name, seed=args.seed, train_steps=args.baseline_train_steps).fit(*train, fit_labels, validation=validation)
+            fitted[name] = make_baseline(name, **baseline_options(name, args)).fit(*train, fit_labels, validation=validation)
             for (mode, k), eps in episodes.items():
                 trained_probabilities = run_baseline(fitted[name], eps, pooled, f"{name} {mode} K={k}")
                 probabilities[(name, mode, k)] = restrict_to_episode_labels(
@@ -593,6 +612,8 @@ def results_markdown(report: dict) -> str:
     ks = sorted({r["k"] for r in report["results"]})
     by_key = {(r["method"], r["mode"], r["k"]): r for r in report["results"]}
     disjoint = " content-disjoint" if report.get("settings", {}).get("content_disjoint") else ""
+    unlabelled = report.get("settings", {}).get("unlabelled")
+    disjoint += f" + {unlabelled} unlabelled utterances" if unlabelled else ""
     for mode in modes:
         lines += [
             f"**{report['corpus']}**, `{mode}`{disjoint} enrollment: UA % (± half-width of the bootstrap 95% CI over "
@@ -685,7 +706,8 @@ def evaluation_key(report: dict) -> str:
     settings = report["settings"]
     speakers = "every speaker (never trained on)" if settings.get("test_speakers") == ["all"] else "test speakers"
     enrollment = "content-disjoint enrollment" if settings.get("content_disjoint") else "plain enrollment"
-    return f"{report['corpus']}, {speakers}, {enrollment}"
+    unlabelled = f", {settings['unlabelled']} unlabelled utterances" if settings.get("unlabelled") else ""
+    return f"{report['corpus']}, {speakers}, {enrollment}{unlabelled}"
 
 
 def _card_blocks(text: str) -> list[str]:

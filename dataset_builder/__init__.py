@@ -13,7 +13,7 @@
 
 from .builder import EPISODE_FEATURES, IclSerEpisodes, IclSerEpisodesConfig, build_episodes
 from .corpora import CORPORA, TEXTLESS_CORPORA, UTTERANCE_FEATURES, CorpusReport, SkippedFile, check_texts_known, read_corpus
-from .episodes import MODES, EpisodeSampler, SpeakerPool, build_pools
+from .episodes import MODES, EpisodeSampler, SpeakerPool, attach_unlabelled, build_pools
 from .multi import parse_corpora, read_corpora, split_corpora, split_episodes
 from .feature_cache import FeatureCache, content_key_for_file, content_key_for_samples, encode_paths
 from .splits import split_speakers
@@ -35,6 +35,7 @@ __all__ = [
     "SpeakerPool",
     "SyntheticConfig",
     "TEXTLESS_CORPORA",
+    "attach_unlabelled",
     "build_episodes",
     "build_pools",
     "check_texts_known",

@@ -394,3 +394,42 @@ class EpisodeSampler:
                     "build the sampler with the settings of the saved run."
                 )
         self._step = int(state["step"])
+
+
+_UNLABELLED_SALT = 4_000_037
+
+
+def attach_unlabelled(
+    episodes: Sequence[Mapping[str, Any]],
+    pools: Mapping[str, SpeakerPool],
+    count: int,
+    seed: int = 0,
+    content_disjoint: bool = False,
+) -> list[dict[str, Any]]:
+    """Each episode with ``unlabelled_ids``: up to ``count`` other utterances of its speaker, given
+    without labels (speech the user has but did not label: the rest of a call, earlier sessions).
+
+    They are never the query and never an enrollment utterance; with ``content_disjoint`` none has
+    the query's text either (so speaker statistics cannot follow the query's words). A speaker with
+    fewer such utterances gives all it has. The draw depends on ``(seed, episode's query)`` only, so
+    the same query gets the same unlabelled speech at every K.
+
+    Raises:
+        ValueError: ``count`` < 0, or an episode whose speaker is not in ``pools``.
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"The unlabelled count must be an integer >= 0, got {count!r}.")
+    out = []
+    for episode in episodes:
+        pool = pools.get(episode["speaker"])
+        if pool is None:
+            raise ValueError(f"Episode speaker {episode['speaker']!r} has no pool; build the pools from the same table.")
+        query = pool.ids.index(episode["query_id"])
+        taken = {query, *(pool.ids.index(i) for i in episode["enrollment_ids"])}
+        # One seeded order of the speaker's utterances per query, filtered afterwards: the same
+        # query keeps (nearly) the same unlabelled speech whatever enrollment K drew.
+        order = np.random.default_rng([seed, _UNLABELLED_SALT, _speaker_seed(episode["query_id"])]).permutation(len(pool.ids))
+        chosen = [int(i) for i in order if int(i) not in taken
+                  and not (content_disjoint and pool.texts[i] == pool.texts[query])][:count]
+        out.append({**episode, "unlabelled_ids": [pool.ids[i] for i in chosen]})
+    return out

@@ -218,8 +218,12 @@ class Baseline:
         """Train on the training speakers' pooled features; ``validation`` is for selection only."""
         raise NotImplementedError
 
-    def predict_proba(self, query_features, enrollment_features=None, enrollment_labels=()) -> np.ndarray:
-        """``(n_query, len(label_set))`` probabilities for queries of one speaker given its enrollment."""
+    def predict_proba(self, query_features, enrollment_features=None, enrollment_labels=(), unlabelled_features=None) -> np.ndarray:
+        """``(n_query, len(label_set))`` probabilities for queries of one speaker given its enrollment.
+
+        ``unlabelled_features``: ``(U, dim)`` other utterances of the speaker without labels. Only
+        the methods that standardize by speaker statistics (``si_norm``, ``enroll_prototypes``)
+        use them, for those statistics; the others ignore them."""
         raise NotImplementedError
 
     def describe(self) -> dict:
@@ -249,7 +253,7 @@ class SpeakerIndependent(Baseline):
     def si_proba(self, query_features) -> np.ndarray:
         return self._probabilities(self.head, self.standardize(np.atleast_2d(query_features)))
 
-    def predict_proba(self, query_features, enrollment_features=None, enrollment_labels=()):
+    def predict_proba(self, query_features, enrollment_features=None, enrollment_labels=(), unlabelled_features=None):
         return self.si_proba(query_features)
 
 
@@ -284,7 +288,7 @@ class FineTuned(SpeakerIndependent):
             heads[target] = copy.deepcopy(head)
         return heads
 
-    def predict_proba(self, query_features, enrollment_features=None, enrollment_labels=()):
+    def predict_proba(self, query_features, enrollment_features=None, enrollment_labels=(), unlabelled_features=None):
         ex, ey = self._check_enrollment(enrollment_features, enrollment_labels)
         if not ey:
             return self.si_proba(query_features)
@@ -349,13 +353,29 @@ class Prototypes(SpeakerIndependent):
         out[:, columns] = si[:, columns].sum(-1, keepdims=True) * p_proto
         return out
 
-    def predict_proba(self, query_features, enrollment_features=None, enrollment_labels=()):
+    def predict_proba(self, query_features, enrollment_features=None, enrollment_labels=(), unlabelled_features=None):
         ex, ey = self._check_enrollment(enrollment_features, enrollment_labels)
         if not ey:
             return self.si_proba(query_features)
         grid = [{"temperature": t} for t in self.temperatures]
         settings = self._select(len(ey), grid, lambda s, qx, x, y: self._proto_proba(s["temperature"], qx, x, y))
         return self._proto_proba(settings["temperature"], query_features, ex, ey)
+
+
+def _rows(features, dim: Optional[int] = None) -> np.ndarray:
+    """``features`` as a float32 ``(n, dim)`` array; None or empty gives ``(0, dim)``."""
+    if features is None or len(features) == 0:
+        return np.zeros((0, dim or 0), dtype=np.float32)
+    return np.asarray(features, dtype=np.float32).reshape(len(features), -1)
+
+
+def speaker_statistics_rows(enrollment_features, enrollment_labels, unlabelled_features) -> np.ndarray:
+    """The utterances a speaker's statistics come from: the enrollment's and the unlabelled ones."""
+    ex, ey = Baseline._check_enrollment(enrollment_features, enrollment_labels)
+    unlabelled = _rows(unlabelled_features)
+    if not ey:
+        return unlabelled
+    return np.concatenate([ex, unlabelled.reshape(len(unlabelled), ex.shape[1])]) if len(unlabelled) else ex
 
 
 def _speaker_rows(speakers: np.ndarray) -> dict[str, np.ndarray]:
@@ -372,6 +392,11 @@ class SpeakerNormalized(SpeakerIndependent):
     ``var_within``). Training uses, for each training speaker and each K in ``train_ks``,
     ``draws_per_k`` random K-subsets of that speaker's utterances: the subset's stats
     normalize the speaker's other utterances. K = 0 falls back to the SI head (trained as ``si``).
+
+    With ``unlabelled_features`` (other utterances of the speaker, no labels) the statistics come
+    from the enrollment and the unlabelled utterances together, so K = 0 is normalized too; add
+    their counts to ``train_ks`` (e.g. 16, 17, 18, 20, 24 for U = 16) so the head trains on
+    statistics of the sizes it is used with.
     """
 
     name = "si_norm"
@@ -408,11 +433,11 @@ class SpeakerNormalized(SpeakerIndependent):
         self.norm_head = self._train_head(np.concatenate(xs), np.concatenate(ys), seed_offset=1)
         return self
 
-    def predict_proba(self, query_features, enrollment_features=None, enrollment_labels=()):
-        ex, ey = self._check_enrollment(enrollment_features, enrollment_labels)
-        if not ey:
+    def predict_proba(self, query_features, enrollment_features=None, enrollment_labels=(), unlabelled_features=None):
+        stats = speaker_statistics_rows(enrollment_features, enrollment_labels, unlabelled_features)
+        if not len(stats):
             return self.si_proba(query_features)
-        z = self._normalize(self.standardize(np.atleast_2d(query_features)), self.standardize(ex))
+        z = self._normalize(self.standardize(np.atleast_2d(query_features)), self.standardize(stats))
         return self._probabilities(self.norm_head, z)
 
     def describe(self):
@@ -455,7 +480,7 @@ class SpeakerEmbedding(SpeakerIndependent):
         self.head = self._train_head(np.concatenate(xs), np.concatenate(ys))
         return self
 
-    def predict_proba(self, query_features, enrollment_features=None, enrollment_labels=()):
+    def predict_proba(self, query_features, enrollment_features=None, enrollment_labels=(), unlabelled_features=None):
         ex, ey = self._check_enrollment(enrollment_features, enrollment_labels)
         enrollment_std = self.standardize(ex) if ey else np.zeros((0, len(self.mean)), dtype=np.float32)
         z = self._with_embedding(self.standardize(np.atleast_2d(query_features)), enrollment_std)
@@ -476,6 +501,8 @@ class EnrollmentPrototypes(Baseline):
     ``variance_floor`` × its mean over dimensions, so a dimension on which the few enrollment
     utterances happen to agree does not dominate. K = 0 gives the uniform distribution (no
     enrollment, nothing to compare with): this method measures what the enrollment alone tells.
+    With ``unlabelled_features`` the mean and variance come from the enrollment and the
+    unlabelled utterances together (the prototypes stay the enrolled ones).
     """
 
     name = "enroll_prototypes"
@@ -492,7 +519,7 @@ class EnrollmentPrototypes(Baseline):
             raise ValueError(f"label_set must hold at least two distinct labels, got {self.label_set}.")
         return self
 
-    def predict_proba(self, query_features, enrollment_features=None, enrollment_labels=()):
+    def predict_proba(self, query_features, enrollment_features=None, enrollment_labels=(), unlabelled_features=None):
         ex, ey = self._check_enrollment(enrollment_features, enrollment_labels)
         query = np.atleast_2d(np.asarray(query_features, dtype=np.float32))
         out = np.zeros((len(query), len(self.label_set)), dtype=np.float64)
@@ -501,7 +528,8 @@ class EnrollmentPrototypes(Baseline):
             out[:] = 1.0 / len(self.label_set)
             return out
         ex, ey = ex[enrolled], [ey[i] for i in enrolled]
-        mean, var = ex.mean(0), ex.var(0)
+        stats = np.concatenate([ex, _rows(unlabelled_features, ex.shape[1])])
+        mean, var = stats.mean(0), stats.var(0)
         scale = np.sqrt(var + self.variance_floor * var.mean() + 1e-8)
         query_z, enrolled_z = _unit((query - mean) / scale), _unit((ex - mean) / scale)
         classes = sorted(set(ey), key=self.label_set.index)

@@ -95,3 +95,50 @@ def choose_route_weights(
         without, zero = _best_weights(alone, {0: truths_by_k[0]}, labels, step)
         scores = {0: zero[0], **scores}
     return weights, without, scores
+
+
+def _fold_ua(routes, truths, labels, weights) -> float:
+    return unweighted_accuracy([labels[i] for i in mixed_predictions(routes, weights)], list(truths))
+
+
+def choose_route_weights_per_k(
+    folds: Sequence[tuple[Mapping[int, Mapping[str, Optional[np.ndarray]]], Mapping[int, Sequence[str]], Sequence[str]]],
+    step: float = 0.1,
+) -> tuple[dict[int, dict[str, float]], dict[int, float], dict[int, list[float]]]:
+    """Route weights for each K, chosen where the routes are used: out of domain.
+
+    Each fold is the route probabilities of a model on a corpus it never trained on (leave one
+    training corpus out), ``(routes_by_k, truths_by_k, labels)`` as for
+    :func:`choose_route_weights`. For each K that every fold has, the weights on the simplex grid
+    with the best UA averaged over the folds (each held-out corpus counts once, however many
+    speakers it has) are chosen; K = 0 mixes the LM and SI routes only.
+
+    Returns:
+        ``({k: weights}, {k: mean UA over the folds}, {k: UA of each fold})``.
+
+    Raises:
+        ValueError: no fold, or folds without a common K.
+    """
+    if not folds:
+        raise ValueError("choose_route_weights_per_k needs at least one held-out fold.")
+    ks = sorted(set.intersection(*(set(routes) for routes, _, _ in folds)))
+    if not ks:
+        raise ValueError("The held-out folds share no K; score every fold at the same --eval_k.")
+    chosen, means, per_fold = {}, {}, {}
+    for k in ks:
+        available = [name for name in ROUTE_NAMES if (k > 0 or name != "prototype")
+                     and all(routes[k].get(name) is not None for routes, _, _ in folds)]
+        best, best_scores = None, None
+        for weights in weight_grid(available, step):
+            scores = [_fold_ua(routes[k], truths[k], labels, weights) for routes, truths, labels in folds]
+            if best_scores is None or np.mean(scores) > np.mean(best_scores) + 1e-12:
+                best, best_scores = weights, scores
+        chosen[k], means[k], per_fold[k] = best, float(np.mean(best_scores)), [float(s) for s in best_scores]
+    return chosen, means, per_fold
+
+
+def weights_for_k(weights_by_k: Mapping, k: int) -> Optional[dict[str, float]]:
+    """The weights a sample with ``k`` enrollment utterances uses: those of the largest chosen K
+    that is <= k (K = 3 uses K = 2's, K = 16 uses K = 8's); None when no chosen K is <= k."""
+    chosen = sorted((int(key), value) for key, value in weights_by_k.items() if int(key) <= k)
+    return dict(chosen[-1][1]) if chosen else None

@@ -1,0 +1,108 @@
+"""Unlabelled speech in episodes and baselines, and route weights chosen per K out of domain."""
+
+import numpy as np
+import pytest
+
+from dataset_builder import attach_unlabelled, build_pools
+from dataset_builder.episodes import fixed_episodes
+from evaluation.baselines import make_baseline
+from evaluation.route_weights import choose_route_weights_per_k, weights_for_k
+
+
+def _table(n_speakers=3, per_speaker=12, texts=4):
+    rows = []
+    for s in range(n_speakers):
+        for i in range(per_speaker):
+            rows.append({"id": f"s{s}_{i:02d}", "speaker": f"s{s}", "emotion": ["a", "b", "c"][i % 3],
+                         "text": f"t{i % texts}"})
+    return rows
+
+
+def test_attach_unlabelled_never_query_enrollment_or_query_sentence():
+    pools = build_pools(_table())
+    episodes = list(fixed_episodes(pools, k=2, mode="arbitrary", seed=0, content_disjoint=True))
+    with_u = attach_unlabelled(episodes, pools, 5, seed=0, content_disjoint=True)
+    text_of = {r["id"]: r["text"] for r in _table()}
+    for episode in with_u:
+        u = episode["unlabelled_ids"]
+        assert len(u) == 5 and len(set(u)) == 5
+        assert episode["query_id"] not in u and not set(u) & set(episode["enrollment_ids"])
+        assert all(i.split("_")[0] == episode["speaker"] for i in u)
+        assert all(text_of[i] != text_of[episode["query_id"]] for i in u)
+    # The same query keeps its unlabelled speech across calls (deterministic in the seed).
+    assert attach_unlabelled(episodes, pools, 5, seed=0, content_disjoint=True) == with_u
+    assert attach_unlabelled(episodes, pools, 5, seed=1, content_disjoint=True) != with_u
+
+
+def test_attach_unlabelled_small_speaker_and_bad_count():
+    pools = build_pools(_table(1, 5))
+    episodes = list(fixed_episodes(pools, k=1, mode="arbitrary", seed=0))
+    assert all(len(e["unlabelled_ids"]) == 3 for e in attach_unlabelled(episodes, pools, 16))
+    with pytest.raises(ValueError, match="integer >= 0"):
+        attach_unlabelled(episodes, pools, -1)
+
+
+def _speaker_data(rng, n_speakers=6, per_class=10, dim=8):
+    """Three classes whose direction is shared, each speaker offset by a large random shift."""
+    centers = rng.normal(size=(3, dim)) * 1.0
+    features, labels, speakers = [], [], []
+    for s in range(n_speakers):
+        shift = rng.normal(size=dim) * 4.0
+        for c in range(3):
+            features.append(centers[c] + shift + 0.3 * rng.normal(size=(per_class, dim)))
+            labels += ["abc"[c]] * per_class
+            speakers += [f"s{s}"] * per_class
+    return np.concatenate(features).astype(np.float32), labels, speakers, centers
+
+
+def test_si_norm_uses_unlabelled_statistics_at_k0():
+    rng = np.random.default_rng(0)
+    x, y, spk, centers = _speaker_data(rng)
+    model = make_baseline("si_norm", train_steps=300, seed=0, train_ks=(1, 2, 4, 8, 16)).fit(x, y, spk, ["a", "b", "c"])
+    shift = rng.normal(size=x.shape[1]) * 4.0
+    new = np.concatenate([centers[c] + shift + 0.3 * rng.normal(size=(10, x.shape[1])) for c in range(3)]).astype(np.float32)
+    truth = np.repeat(np.arange(3), 10)
+    plain = model.predict_proba(new).argmax(-1)
+    with_u = np.stack([model.predict_proba(new[i], unlabelled_features=np.delete(new, i, 0)[:16])[0]
+                       for i in range(len(new))]).argmax(-1)
+    assert (with_u == truth).mean() > (plain == truth).mean() + 0.2
+    # Unlabelled speech only changes the statistics: equal to passing the same rows as enrollment.
+    stats = new[:16]
+    a = model.predict_proba(new[20], unlabelled_features=stats)
+    b = model.predict_proba(new[20], enrollment_features=stats, enrollment_labels=["a"] * 16)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_choose_route_weights_per_k_follows_the_held_out_folds():
+    rng = np.random.default_rng(1)
+    labels = ["a", "b", "c"]
+    folds = []
+    for _ in range(2):
+        n = 60
+        routes_by_k, truths_by_k = {}, {}
+        for k in (0, 8):
+            truth = rng.integers(0, 3, size=n)
+            good = np.full((n, 3), 0.01)
+            good[np.arange(n), truth] = 0.98
+            noise = np.full((n, 3), 0.01)  # a confidently wrong route
+            noise[np.arange(n), (truth + 1) % 3] = 0.98
+            # Out of domain: at K = 0 the SI route is right; at K = 8 the prototype route is.
+            routes_by_k[k] = {"lm": noise, "si": good if k == 0 else noise,
+                              "prototype": (np.full((n, 3), np.nan) if k == 0 else good)}
+            truths_by_k[k] = [labels[i] for i in truth]
+        folds.append((routes_by_k, truths_by_k, labels))
+    chosen, means, per_fold = choose_route_weights_per_k(folds, step=0.25)
+    assert set(chosen) == {0, 8}
+    assert chosen[0]["si"] > chosen[0]["lm"] and "prototype" not in chosen[0]
+    assert chosen[8]["prototype"] > max(chosen[8]["lm"], chosen[8]["si"])
+    assert means[8] == pytest.approx(1.0) and len(per_fold[8]) == 2
+    with pytest.raises(ValueError, match="at least one"):
+        choose_route_weights_per_k([])
+
+
+def test_weights_for_k_takes_the_largest_chosen_k_below():
+    by_k = {"0": {"si": 1.0}, "2": {"lm": 1.0}, "8": {"prototype": 1.0}}
+    assert weights_for_k(by_k, 0) == {"si": 1.0}
+    assert weights_for_k(by_k, 3) == {"lm": 1.0}
+    assert weights_for_k(by_k, 16) == {"prototype": 1.0}
+    assert weights_for_k({"2": {"lm": 1.0}}, 1) is None
