@@ -51,6 +51,7 @@ from modeling_icl_ser.backbones import DEFAULT_AUDIO_FEATURE_LAYER, DEFAULT_CONT
 from evaluation.episodic import EncodedUtterances, episode_example, native_bf16_available, predict_episodes
 from evaluation.metrics import unweighted_accuracy
 from evaluation.route_weights import ROUTE_NAMES, choose_route_weights, mixed_predictions
+from training.held_out_folds import run_held_out_folds
 
 logger = logging.getLogger("icl_ser.train")
 REPO_ROOT = Path(__file__).resolve().parent
@@ -84,7 +85,12 @@ class TrainingArguments:
     context_readout_dropout: float = field(default=0.5, metadata={"help": "Share of training queries without their read-out (the LM keeps learning to label speech itself; docs/RESULTS.md)."})
     speaker_normalization: bool = field(default=False, metadata={"help": "Standardize utterance summaries by the speaker's enrollment (label-free speaker normalization) before the read-out and the routes (IclSerConfig.speaker_normalization)."})
     si_route: bool = field(default=False, metadata={"help": "Add the speaker-independent route (summary → label-word embeddings), trained beside the LM loss (IclSerConfig.si_route)."})
-    si_route_loss_coef: float = field(default=1.0, metadata={"help": "Weight of the SI route's cross-entropy."})
+    si_route_loss_coef: float = field(default=1.0, metadata={"help": "Weight of the SI route's cross-entropy (only with --si_route_fit false)."})
+    si_route_fit: bool = field(default=True, metadata={"help": "Fit the SI route before meta-training as the SI baseline is fitted (every training utterance's cached summary, early stopping on validation speakers; training.si_route) and keep it fixed; false = train it beside the LM loss. Needs --encoder_mode frozen."})
+    route_weights_from: str = field(default="validation", metadata={"help": "Where the route weights are chosen: validation (the training corpora's validation speakers) or held_out_corpora (per K, out of domain: one fold model per training corpus trained on the others and scored on it; training.held_out_folds)."})
+    fold_steps: int = field(default=150, metadata={"help": "With --route_weights_from held_out_corpora: meta-training steps of each fold model."})
+    fold_eval_k: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8], metadata={"help": "The K's the fold models are scored at (the weights' K grid)."})
+    fold_episodes_per_speaker: int = field(default=10, metadata={"help": "Held-out episodes per speaker and K for the fold scores."})
     route_weight_step: float = field(default=0.1, metadata={"help": "At each validation, choose how classify mixes the LM, SI and prototype routes on a grid of this step (best mean validation UA over --eval_k; exported in the config); 0 = the LM alone. Needs a read-out or --si_route."})
     readout_stage_steps: Optional[int] = field(default=None, metadata={"help": "Two-stage schedule: the last N of --max_steps train only the enrollment read-out (LM, adapters and projector fixed, the learning-rate schedule restarted); before them the LM trains without the read-out's vector, so its K = 0 skill is undisturbed. The best checkpoint is chosen among stage-2 validations. Default: a third of --max_steps with a read-out; 0 = one stage (docs/RESULTS.md)."})
     # what is trained
@@ -182,6 +188,19 @@ class TrainingArguments:
                 raise ValueError("--offline_encoder picks the offline Whisper; drop it with --audio_encoder or --tiny.")
         if self.length_groups < 1:
             raise ValueError(f"--length_groups must be >= 1 (1 = one forward pass per batch), got {self.length_groups}.")
+        if self.route_weights_from not in ("validation", "held_out_corpora"):
+            raise ValueError(f"--route_weights_from must be validation or held_out_corpora, got {self.route_weights_from!r}.")
+        if self.route_weights_from == "held_out_corpora":
+            if len(specs) < 2:
+                raise ValueError("--route_weights_from held_out_corpora leaves one training corpus out at a time; pass two "
+                                 "or more corpora in --corpus (or use --route_weights_from validation).")
+            if not self.route_weight_step:
+                raise ValueError("--route_weights_from held_out_corpora chooses route weights; it needs --route_weight_step > 0.")
+            if self.fold_steps < 1 or self.fold_episodes_per_speaker < 1 or not self.fold_eval_k or min(self.fold_eval_k) < 0:
+                raise ValueError("--fold_steps and --fold_episodes_per_speaker must be >= 1 and --fold_eval_k K's >= 0.")
+        if self.si_route and self.si_route_fit and self.encoder_mode != "frozen":
+            raise ValueError("--si_route_fit fits the SI route on cached encoder features; it needs --encoder_mode frozen "
+                             "(or pass --si_route_fit false to train it beside the LM loss).")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"--mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}.")
 
@@ -238,9 +257,12 @@ def apply_adapters(model, args: TrainingArguments):
     if args.encoder_mode == "lora":
         top = "|".join(str(i) for i in range(max(0, n_encoder_layers - args.encoder_lora_layers), n_encoder_layers))
         patterns.append(rf"audio_tower\..*layers\.({top})\..*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)")
-    # The projector and the read-out are new: they always train in full.
+    # The projector and the read-out are new: they always train in full (the SI route too, unless
+    # it was fitted before meta-training and stays fixed).
+    routes_fitted = args.si_route and args.si_route_fit
     trained_modules = ["projector"] + [name for name in ("context_readout", "speaker_routes")
-                                       if getattr(base(model), name) is not None]
+                                       if getattr(base(model), name) is not None
+                                       and not (name == "speaker_routes" and routes_fitted)]
     if patterns:
         config = peft.LoraConfig(
             r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
@@ -619,7 +641,8 @@ def resolve_mixed_precision(setting: str) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    args = parse_arguments(argv)
+    # A fold of --route_weights_from held_out_corpora passes its arguments ready-made.
+    args = argv if isinstance(argv, TrainingArguments) else parse_arguments(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     datasets.disable_progress_bars()
     output_dir = Path(args.output_dir)
@@ -636,9 +659,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     set_seed(args.seed)
     started = time.time()
 
+    folds = run_held_out_folds(args, main) if args.route_weights_from == "held_out_corpora" else None
     table, labels = load_data(args, accelerator)
     model, processor, backbones = build_model(args, labels)
     data = prepare_episodes(args, accelerator, table, labels, model, processor)
+    si_fit = fit_model_si_route(model, processor, data, table, args) if args.si_route and args.si_route_fit else None
     model = apply_adapters(model, args)
     model.train()
     collator = IclSerDataCollator(processor, labels=labels, label_enrollment=args.loss_on_enrollment_labels)
@@ -730,7 +755,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             break
     progress.close()
 
-    summary = finish(args, accelerator, model, processor, data, state, backbones, started, best_path, collator)
+    summary = finish(args, accelerator, model, processor, data, state, backbones, started, best_path, collator,
+                     folds=folds, si_fit=si_fit)
     accelerator.end_training()
     return summary
 
@@ -797,7 +823,43 @@ def plot_learning_curve(metrics_csv: Path, png: Path) -> Optional[Path]:
     return png
 
 
-def finish(args, accelerator, model, processor, data, state, backbones, started, best_path, collator) -> dict:
+def fit_model_si_route(model, processor, data, table, args) -> dict:
+    """Fit the SI route on the training speakers' cached summaries (``training.si_route``); it then
+    stays fixed, and the LM loss no longer includes it."""
+    import torch as _torch
+
+    from training.si_route import SiRouteFitting, fit_si_route, summarize_utterances
+
+    speakers = {"train": set(data.splits["train"]), "validation": set(data.splits["validation"])}
+    rows = {split: [row for row in table if row["speaker"] in members] for split, members in speakers.items()}
+    train, validation = (summarize_utterances(data.encoded, rows[split], data.labels, data.label_sets)
+                         for split in ("train", "validation"))
+    with _torch.no_grad():
+        label_ids = [processor.answer_ids(label) for label in data.labels]
+        width = max(len(ids) for ids in label_ids)
+        padded = _torch.tensor([ids + [-100] * (width - len(ids)) for ids in label_ids])
+        label_embeds = model._label_embeddings(padded).float()
+    report = fit_si_route(model.speaker_routes, label_embeds, train, validation, model.config.speaker_variance_floor,
+                          SiRouteFitting(seed=args.seed))
+    model.config.si_route_loss_coef = 0.0  # fixed from here on: the LM loss alone trains the rest
+    return report
+
+
+def apply_out_of_domain_weights(model, folds: dict, args) -> dict:
+    """Set the exported per-K route weights from the held-out folds (``training.held_out_folds``);
+    also write, for each corpus, the weights chosen without it (for a nested test on it)."""
+    from training.held_out_folds import choose_out_of_domain_weights, write_json_atomically
+
+    chosen = choose_out_of_domain_weights(folds, args.route_weight_step)
+    model.config.route_weights_by_k = chosen["weights"]
+    for held_out in folds:
+        write_json_atomically(Path(args.output_dir) / "folds" / held_out / "nested_route_weights.json",
+                              choose_out_of_domain_weights(folds, args.route_weight_step, exclude=held_out))
+    return chosen
+
+
+def finish(args, accelerator, model, processor, data, state, backbones, started, best_path, collator,
+           folds: Optional[dict] = None, si_fit: Optional[dict] = None) -> dict:
     """Load the best weights (re-validating them), export (and push) on the main process."""
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
@@ -818,6 +880,10 @@ def finish(args, accelerator, model, processor, data, state, backbones, started,
         "n_train_speakers": len(data.splits["train"]),
         "n_validation_speakers": len(data.splits["validation"]),
     }
+    if si_fit:
+        summary["si_route_fit"] = si_fit
+    if folds:
+        summary["out_of_domain"] = apply_out_of_domain_weights(unwrapped, folds, args)
     if accelerator.is_main_process:
         metrics_csv = Path(args.output_dir) / "metrics.csv"
         if metrics_csv.is_file():

@@ -1,4 +1,4 @@
-"""The package layers import downward only: bench -> train.py/eval.py -> evaluation -> dataset_builder -> modeling_icl_ser.
+"""The package layers import downward only: bench -> train.py/eval.py -> training -> evaluation -> dataset_builder -> modeling_icl_ser.
 
 modeling_icl_ser/ is what a Hub checkpoint carries, so it must not reach up into the data,
 evaluation or script layers; dataset_builder/ must not reach into evaluation/.
@@ -15,9 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: package -> top-level modules it must never import (at any depth: module level or in a function).
 FORBIDDEN = {
-    "modeling_icl_ser": {"dataset_builder", "evaluation", "train", "eval", "bench"},
-    "dataset_builder": {"evaluation", "train", "eval", "bench"},
-    "evaluation": {"train", "eval", "bench"},
+    "modeling_icl_ser": {"dataset_builder", "evaluation", "training", "train", "eval", "bench"},
+    "dataset_builder": {"evaluation", "training", "train", "eval", "bench"},
+    "evaluation": {"training", "train", "eval", "bench"},
+    "training": {"train", "eval", "bench"},
 }
 
 

@@ -106,3 +106,59 @@ def test_weights_for_k_takes_the_largest_chosen_k_below():
     assert weights_for_k(by_k, 3) == {"lm": 1.0}
     assert weights_for_k(by_k, 16) == {"prototype": 1.0}
     assert weights_for_k({"2": {"lm": 1.0}}, 1) is None
+
+
+def test_fit_si_route_learns_both_heads_and_leaves_them_fixed():
+    import torch
+    from torch import nn
+
+    from training.si_route import SiRouteFitting, Utterances, fit_si_route
+
+    rng = np.random.default_rng(3)
+    x, y, spk, _ = _speaker_data(rng, n_speakers=8, per_class=12, dim=6)
+    x = np.concatenate([x, np.abs(rng.normal(size=x.shape)).astype(np.float32)], axis=1)  # (mean, std) width
+    targets = torch.tensor(["abc".index(label) for label in y])
+    speakers = np.array(spk, dtype=object)
+
+    def split(mask):
+        return Utterances(torch.from_numpy(x[mask]), targets[mask], torch.ones(int(mask.sum()), 3, dtype=torch.bool),
+                          speakers[mask])
+
+    train_mask = np.isin(speakers, [f"s{i}" for i in range(6)])
+    routes = nn.Module()
+    routes.raw = nn.Sequential(nn.LayerNorm(12), nn.Linear(12, 16))
+    routes.normalized = nn.Sequential(nn.LayerNorm(12), nn.Linear(12, 16))
+    label_embeds = torch.randn(3, 16)
+    report = fit_si_route(routes, label_embeds, split(train_mask), split(~train_mask), 0.01,
+                          SiRouteFitting(max_steps=400, eval_every=50, statistics_sizes=(2, 4, 8)))
+    # Speakers are shifted far apart: their own statistics make the classes separable.
+    assert report["normalized"]["val_ua"] > 0.8
+    assert report["normalized"]["val_ua"] > report["raw"]["val_ua"]
+    assert not any(p.requires_grad for p in routes.parameters())
+    with pytest.raises(ValueError, match=">= 1"):
+        SiRouteFitting(max_steps=0)
+
+
+def test_fold_scores_round_trip_and_nested_choice(tmp_path):
+    from training.held_out_folds import choose_out_of_domain_weights, load_fold_scores, save_fold_scores
+
+    rng = np.random.default_rng(5)
+    labels = ["a", "b", "c"]
+    folds = {}
+    for name, right in (("x", "si"), ("y", "prototype"), ("z", "prototype")):
+        truth = rng.integers(0, 3, size=30)
+        good = np.full((30, 3), 0.01, dtype=np.float32)
+        good[np.arange(30), truth] = 0.98
+        wrong = np.roll(good, 1, axis=1)
+        routes = {4: {"lm": wrong, "si": good if right == "si" else wrong, "prototype": good if right == "prototype" else wrong}}
+        path = tmp_path / f"{name}.npz"
+        save_fold_scores(path, routes, {4: [labels[i] for i in truth]}, labels)
+        folds[name] = load_fold_scores(path)
+        np.testing.assert_array_equal(folds[name][0][4]["si"], routes[4]["si"])
+        assert folds[name][1][4] == [labels[i] for i in truth] and folds[name][2] == labels
+    everything = choose_out_of_domain_weights(folds, 0.5)
+    assert everything["weights"]["4"]["prototype"] >= 0.5 and set(everything["per_fold"]["4"]) == {"x", "y", "z"}
+    # Nested: the weights for testing on y never look at y; without x the SI route has no support.
+    without_x = choose_out_of_domain_weights(folds, 0.5, exclude="x")
+    assert without_x["weights"]["4"] == {"lm": 0.0, "si": 0.0, "prototype": 1.0}
+    assert set(without_x["per_fold"]["4"]) == {"y", "z"}
