@@ -103,6 +103,7 @@ class EvalArguments:
     device: Optional[str] = field(default=None, metadata={"help": "cpu / cuda (default: cuda if available)."})
     output_dir: str = field(default="outputs/eval")
     update_model_card: bool = field(default=False, metadata={"help": "Also write the filled card into the --model folder."})
+    route_weights: Optional[str] = field(default=None, metadata={"help": "A JSON file whose 'weights' map K to route weights (train.py's folds/<corpus>/nested_route_weights.json: chosen without this corpus), used instead of the model's own; for a nested out-of-domain test."})
 
     def validate(self) -> None:
         """Raise ValueError for settings that cannot work, before any heavy work."""
@@ -153,6 +154,10 @@ class EvalArguments:
                                  "--audio_encoder or --tiny.")
         if self.baseline_train_steps < 1:
             raise ValueError(f"--baseline_train_steps must be >= 1, got {self.baseline_train_steps}.")
+        if self.route_weights is not None:
+            load_route_weights(self.route_weights)
+            if not self.model:
+                raise ValueError("--route_weights sets how the icl model mixes its routes; it needs --model.")
         if self.unlabelled < 0:
             raise ValueError(f"--unlabelled must be >= 0 (0 = no unlabelled speech), got {self.unlabelled}.")
         if self.episodes_per_speaker is not None and self.episodes_per_speaker < 1:
@@ -201,6 +206,37 @@ class EvalArguments:
             else:
                 chosen.add(name)
         return [m for m in METHODS if m in chosen]
+
+
+def load_route_weights(path: str) -> dict[str, dict[str, float]]:
+    """The per-K weights of a --route_weights file (``{"weights": {"0": {...}, "8": {...}}}``)."""
+    from modeling_icl_ser.configuration_icl_ser import ROUTES
+
+    try:
+        weights = json.loads(Path(path).read_text(encoding="utf-8"))["weights"]
+        ok = all(int(k) >= 0 and set(w) <= set(ROUTES) for k, w in weights.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise ValueError(f"--route_weights {path!r} is not a JSON file with 'weights': {{K: {{route: weight}}}} "
+                         "(train.py writes folds/<corpus>/nested_route_weights.json).")
+    return weights
+
+
+def mixture(scored: dict, config, k: int, override: Optional[dict] = None) -> np.ndarray:
+    """The icl model's answer for episodes with ``k`` enrollment utterances: its routes mixed by
+    the per-K weights (``override``, else ``config.route_weights_by_k``), else by its weights with
+    and without enrollment."""
+    import torch
+
+    from evaluation.route_weights import weights_for_k
+    from modeling_icl_ser.modeling_icl_ser import mix_routes
+
+    routes = {route: None if p is None else torch.from_numpy(p) for route, p in scored.items()}
+    by_k = override or getattr(config, "route_weights_by_k", None)
+    if by_k:
+        return mix_routes(routes, weights_for_k(by_k, k)).numpy()
+    return mix_routes(routes, config.route_weights, config.route_weights_without_enrollment).numpy()
 
 
 def check_model_folder(folder: str, flag: str = "--model") -> Path:
@@ -478,6 +514,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
+    override_weights = load_route_weights(args.route_weights) if args.route_weights else None
     loaded = {}
     if args.model:
         loaded["icl"] = load_icl_model(args.model, device)
@@ -546,9 +583,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 if not routed:
                     probabilities[(name, mode, k)] = scored
                     continue
-                probabilities[(name, mode, k)] = mix_routes(
-                    {route: None if p is None else torch.from_numpy(p) for route, p in scored.items()},
-                    model.config.route_weights, model.config.route_weights_without_enrollment).numpy()
+                probabilities[(name, mode, k)] = mixture(scored, model.config, k, override_weights)
                 for route, p in scored.items():
                     if p is not None:
                         alone = mix_routes({"lm": torch.from_numpy(scored["lm"]), route: torch.from_numpy(p)}, {route: 1.0})
@@ -581,6 +616,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "n_test_episodes": {f"{mode}/k{k}": len(eps) for (mode, k), eps in episodes.items()},
         "baseline_features": feature_source,
         "baselines": {name: method.describe() for name, method in fitted.items()},
+        "route_weights_by_k": override_weights or (getattr(loaded["icl"][0].config, "route_weights_by_k", None)
+                                                   if "icl" in loaded else None),
         "versions": package_versions(),
         "device": device,
         "minutes": round((time.time() - started) / 60, 2),
