@@ -94,6 +94,7 @@ class EvalArguments:
     mode: list[str] = field(default_factory=lambda: ["arbitrary"], metadata={"help": "arbitrary, balanced and/or exclude_query_class."})
     content_disjoint: bool = field(default=False, metadata={"help": "No enrollment utterance has the query's sentence (text); needs corpora with texts (not iemocap/synthetic)."})
     episodes_per_speaker: Optional[int] = field(default=None, metadata={"help": "Episodes per test speaker (default: every utterance is a query once)."})
+    same_queries: bool = field(default=True, metadata={"help": "Every K of the sweep gets the same queries (those eligible at the largest K), so each K is compared with the smallest query by query (the paired CIs); false = each K's own eligible queries."})
     unlabelled: int = field(default=0, metadata={"help": "U other utterances of the test speaker given without labels (never the query nor the enrollment; never the query's sentence with --content_disjoint): speaker statistics come from enrollment + unlabelled speech (icl, si_norm, enroll_prototypes). 0 = none."})
     # running
     batch_size: int = field(default=8, metadata={"help": "Episodes per classify call (LM methods)."})
@@ -289,7 +290,7 @@ def prepare_data(args: EvalArguments) -> dict[str, Any]:
         for k in args.k:
             episodes[(mode, k)] = split_episodes(
                 table, specs, splits[split], split, k, mode, seed=args.seed, episodes_per_speaker=args.episodes_per_speaker,
-                content_disjoint=args.content_disjoint,
+                content_disjoint=args.content_disjoint, query_k=max(args.k) if args.same_queries else None,
             )
             if not episodes[(mode, k)]:
                 raise ValueError(f"No {split} episodes for K={k} in mode {mode!r}: the {split} speakers are too small.")

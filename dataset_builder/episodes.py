@@ -246,18 +246,23 @@ def fixed_episodes(
     seed: int = 0,
     episodes_per_speaker: Optional[int] = None,
     content_disjoint: bool = False,
+    query_k: Optional[int] = None,
 ) -> Iterator[dict[str, Any]]:
     """Reproducible episodes for every pool (speakers in sorted order).
 
     Each speaker's queries are its eligible utterances in a seeded random order: with
     ``episodes_per_speaker=None`` every eligible utterance is the query once; with a number,
     the order is cycled (reshuffled each pass) until that many episodes are made. With
-    ``content_disjoint`` no enrollment utterance has the query's text.
+    ``content_disjoint`` no enrollment utterance has the query's text. With ``query_k`` (>= k),
+    the queries are those eligible at ``query_k``: a sweep over K that passes its largest K
+    gets the same queries at every K, so K's can be compared query by query.
     """
+    if query_k is not None and query_k < k:
+        raise ValueError(f"query_k must be >= k (the sweep's largest K), got {query_k} < {k}.")
     for speaker in sorted(pools):
         pool = pools[speaker]
         rng = np.random.default_rng([seed, _FIXED_SALT, _speaker_seed(speaker)])
-        candidates = pool.query_candidates(k, mode, content_disjoint)
+        candidates = pool.query_candidates(k if query_k is None else query_k, mode, content_disjoint)
         if len(candidates) == 0:
             continue
         count = len(candidates) if episodes_per_speaker is None else episodes_per_speaker

@@ -185,8 +185,12 @@ def split_episodes(
     seed: int = 0,
     episodes_per_speaker: Optional[int] = None,
     content_disjoint: bool = False,
+    query_k: Optional[int] = None,
 ) -> list[dict[str, Any]]:
     """The fixed episodes of ``speakers`` (one split), as :func:`build_episodes` makes them.
+
+    ``query_k``: draw the queries among those eligible at this K (the sweep's largest), so every
+    K of a sweep has the same queries (:func:`fixed_episodes`).
 
     For one corpus these are the episodes of ``build_episodes(...)[split]`` with the same split
     (same seed, same speakers); with several, each also carries its corpus' ``labels``. With
@@ -201,17 +205,17 @@ def split_episodes(
     if content_disjoint:
         require_texts(table)
     pools = build_pools(table)
-    usable = usable_pools({s: pools[s] for s in speakers}, k, mode, context=f" ({split} speakers)",
+    usable = usable_pools({s: pools[s] for s in speakers}, max(k, query_k or 0), mode, context=f" ({split} speakers)",
                           content_disjoint=content_disjoint)
-    return _numbered_episodes(usable, table, specs, split, k, mode, seed, episodes_per_speaker, content_disjoint)
+    return _numbered_episodes(usable, table, specs, split, k, mode, seed, episodes_per_speaker, content_disjoint, query_k)
 
 
 def _numbered_episodes(pools, table, specs, split, k, mode, seed, episodes_per_speaker,
-                       content_disjoint=False) -> list[dict[str, Any]]:
+                       content_disjoint=False, query_k=None) -> list[dict[str, Any]]:
     """:func:`fixed_episodes` of ``pools`` with ids (``split/speaker/00000``), corpus and labels."""
     sets = label_sets(table, specs)
     episodes, counters = [], {}
-    for episode in fixed_episodes(pools, k, mode, seed, episodes_per_speaker, content_disjoint):
+    for episode in fixed_episodes(pools, k, mode, seed, episodes_per_speaker, content_disjoint, query_k):
         number = counters[episode["speaker"]] = counters.get(episode["speaker"], -1) + 1
         corpus = corpus_of(episode["speaker"]) if sets is not None else specs[0][0]
         identity = {"episode_id": f"{split}/{episode['speaker']}/{number:05d}", "corpus": corpus}

@@ -162,3 +162,14 @@ def test_fold_scores_round_trip_and_nested_choice(tmp_path):
     without_x = choose_out_of_domain_weights(folds, 0.5, exclude="x")
     assert without_x["weights"]["4"] == {"lm": 0.0, "si": 0.0, "prototype": 1.0}
     assert set(without_x["per_fold"]["4"]) == {"y", "z"}
+
+
+def test_query_k_gives_every_k_the_same_queries():
+    pools = build_pools(_table(2, 12, texts=6))
+    by_k = {k: list(fixed_episodes(pools, k=k, mode="arbitrary", seed=0, content_disjoint=True, query_k=8))
+            for k in (0, 2, 8)}
+    queries = {k: [e["query_id"] for e in eps] for k, eps in by_k.items()}
+    assert queries[0] == queries[2] == queries[8]
+    assert all(len(e["enrollment_ids"]) == k for k, eps in by_k.items() for e in eps)
+    with pytest.raises(ValueError, match="query_k must be >= k"):
+        list(fixed_episodes(pools, k=4, mode="arbitrary", query_k=2))
