@@ -502,7 +502,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     from evaluation.baselines import make_baseline, pool_features
     from evaluation.episodic import EncodedUtterances, native_bf16_available, predict_episodes
     from evaluation.metrics import summarize
-    from modeling_icl_ser.modeling_icl_ser import mix_routes
+    from modeling_icl_ser.route_mixing import mix_routes
 
     datasets.disable_progress_bars()
     started = time.time()

@@ -34,7 +34,7 @@ def readout_of(folder: str):
     from safetensors.torch import load_file
 
     from modeling_icl_ser import IclSerConfig
-    from modeling_icl_ser.modeling_icl_ser import IclSerContextReadout
+    from modeling_icl_ser.readout import IclSerContextReadout
 
     weights = load_file(str(Path(folder) / "model.safetensors"))
     prefix = "context_readout."
@@ -47,7 +47,7 @@ def readout_of(folder: str):
 
 
 def summarize(hidden) -> torch.Tensor:
-    from modeling_icl_ser.modeling_icl_ser import IclSerContextReadout
+    from modeling_icl_ser.readout import IclSerContextReadout
 
     h = torch.as_tensor(np.asarray(hidden), dtype=torch.float32)
     return IclSerContextReadout.summarize(h[None], torch.ones(1, h.shape[0], dtype=torch.bool))[0]

@@ -16,7 +16,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from modeling_icl_ser.modeling_icl_ser import mix_routes
+from modeling_icl_ser.route_mixing import mix_routes
 
 from .metrics import unweighted_accuracy
 

@@ -1,8 +1,9 @@
 """icl-ser: few-shot personalized speech emotion recognition by in-context learning.
 
-This folder is the model alone: the config, model, processor, pipeline and audio decoding a
-Hub checkpoint carries (``save_pretrained`` copies them beside the weights), plus the backbone
-loaders (``backbones``) and the tiny random test model (``testing``). It imports nothing from
+This folder is the model alone: the config, the model and its parts (one job per file), the
+processor, pipeline and audio decoding a Hub checkpoint carries (``save_pretrained`` copies them
+beside the weights; ``checkpointing.checkpoint_code_files`` lists them), plus the backbone
+loaders (``backbones``, ``ctranslate2_whisper``) and the tiny random test model (``testing``). It imports nothing from
 the layers above it (``dataset_builder``, ``evaluation``, the scripts; tests/test_layout.py).
 
 Importing the package registers the model with the transformers Auto classes, and marks the
@@ -19,7 +20,7 @@ check_torchaudio()  # before transformers loads torchaudio: a clear error instea
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor  # noqa: E402
 from .configuration_icl_ser import DEFAULT_LABELS, IclSerConfig
-from .modeling_icl_ser import IclSerForConditionalGeneration, IclSerPreTrainedModel, IclSerProjector
+from .modeling_icl_ser import IclSerForConditionalGeneration, IclSerPreTrainedModel
 from .pipeline_icl_ser import (
     IclSpeechEmotionPipeline,
     SpeakerProfile,
@@ -28,6 +29,8 @@ from .pipeline_icl_ser import (
     save_with_pipeline,
 )
 from .processing_icl_ser import IclSerDataCollator, IclSerProcessor
+from .projector import IclSerProjector
+from .route_mixing import mix_routes
 
 AutoConfig.register(IclSerConfig.model_type, IclSerConfig, exist_ok=True)
 AutoModel.register(IclSerConfig, IclSerForConditionalGeneration, exist_ok=True)
@@ -50,6 +53,7 @@ __all__ = [
     "IclSpeechEmotionPipeline",
     "SpeakerProfile",
     "load_audio",
+    "mix_routes",
     "plot_emotion_timeline",
     "save_with_pipeline",
 ]

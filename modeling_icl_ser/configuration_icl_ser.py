@@ -42,6 +42,17 @@ _DEFAULT_TEXT = {
 ROUTES = ("lm", "si", "prototype")
 
 
+def _drop_removed_options(kwargs: dict) -> None:
+    """Old config.json keys of options that no longer exist: dropped when off, refused when on
+    (the model would compute something else than the checkpoint was made with)."""
+    if kwargs.pop("context_readout_pointer", False):
+        raise ValueError(
+            "This config sets context_readout_pointer=true, an option icl-ser no longer has (classify mixed the "
+            "read-out's attention into the LM's probabilities). Load the checkpoint with trust_remote_code=True "
+            "to run its own code, or set context_readout_pointer to false in its config.json to score without it."
+        )
+
+
 class IclSerConfig(PretrainedConfig):
     r"""Configuration of [`IclSerForConditionalGeneration`].
 
@@ -67,13 +78,6 @@ class IclSerConfig(PretrainedConfig):
             utterance" to "that label", which the LM alone does not learn (docs/RESULTS.md).
             0 = no read-out.
         context_readout_dim: Width of each read-out head's query/key space.
-        context_readout_pointer: `classify` mixes the LM's candidate probabilities with the
-            read-out's attention as a pointer over the enrollment labels (pointer-generator): a
-            share equal to its attention mass on enrollment utterances goes to their labels, the
-            rest ("none") stays with the LM. Off by default: the mixture ignores how good the
-            LM's own answer is, and on RAVDESS it cost up to 8 UA points at K = 8 while the LM,
-            which weighs the copy route itself, lost little on synthetic without it
-            (docs/RESULTS.md).
         context_readout_dropout: Share of training queries whose read-out is left out (on their
             tokens and the LM's output), so the LM keeps learning to label speech on its own.
         context_readout_loss_coef: Weight of the read-out's own loss (attention on the enrollment
@@ -131,7 +135,6 @@ class IclSerConfig(PretrainedConfig):
     projector_hidden_size: int | None = None
     context_readout_heads: int = 0
     context_readout_dim: int = 64
-    context_readout_pointer: bool = False
     context_readout_dropout: float = 0.0
     context_readout_loss_coef: float = 1.0
     speaker_normalization: bool = False
@@ -152,6 +155,7 @@ class IclSerConfig(PretrainedConfig):
     max_audio_seconds: float = 30.0
 
     def __post_init__(self, **kwargs):
+        _drop_removed_options(kwargs)
         super().__post_init__(**kwargs)
         if self.labels is None:
             self.labels = list(DEFAULT_LABELS)

@@ -2,30 +2,24 @@
 from a speaker's enrollment (utterance, emotion) pairs given in context.
 
 Transformers model-file idiom with relative imports only, so that a saved checkpoint runs with
-``trust_remote_code=True`` where this package is not installed. One file, in four sections:
+``trust_remote_code=True`` where this package is not installed. This file holds the model
+(`IclSerForConditionalGeneration`); its parts live beside it, one job per file:
 
-1. **Projector** (:class:`IclSerProjector`): each utterance's encoder frames -> ``num_audio_tokens``
-   pooled segments -> LM-width audio tokens.
-2. **Read-out** (:class:`IclSerContextReadout`): the enrollment read-out, a one-layer attention
-   from the query utterance to the labelled enrollment utterances (docs/ARCHITECTURE.md,
-   "Enrollment read-out").
-3. **Model** (:class:`IclSerForConditionalGeneration`): encoder, projector, read-out and LM
-   put together; audio features, saving, prompt embedding, ``forward`` and the loss.
-4. **Scoring** (``classify``): closed-set label probabilities from the answer log-likelihoods,
-   and ``generate``'s input preparation.
-
-Before them: the checkpoint-identity helpers (fingerprints, the pipeline file copied on save).
+* ``projector.py``: `IclSerProjector`, encoder frames -> LM-width audio tokens;
+* ``readout.py``: `IclSerContextReadout`, the enrollment read-out;
+* ``speaker_routes.py``: speaker normalization, the SI route and the prototype route;
+* ``speaker_context.py`` / ``scoring.py``: the model's enrollment plumbing and ``classify``
+  (mixins);
+* ``route_mixing.py``: `mix_routes`, how ``classify`` mixes the routes;
+* ``checkpointing.py``: fingerprints and the code files a saved folder carries.
 """
 
 import contextlib
-import hashlib
+import importlib
 import json
 import logging
 import os
-import sys
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -37,353 +31,18 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .configuration_icl_ser import IclSerConfig
-
-# ================================================================================================
-# Checkpoint identity: fingerprints and the pipeline file a saved folder carries
-# ================================================================================================
-# Bumped whenever the encoder pass below changes what features it computes (feature-cache key).
-_ENCODER_PASS_VERSION = "icl_ser-encoder-v1"
-# Bumped whenever the model's prompt pass changes what a speaker profile's cache holds.
-_MODEL_FINGERPRINT_VERSION = "icl_ser-model-v1"
-# Config keys that do not change what the model computes.
-_FINGERPRINT_IGNORED_KEYS = (
-    "transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype", "auto_map", "custom_pipelines",
+from .checkpointing import (
+    CUSTOM_PIPELINES, ENCODER_PASS_VERSION, MODEL_FINGERPRINT_VERSION, config_and_weights_digest, pipeline_at_hand, save_code_files,
 )
-
-
-# What `Pipeline.save_pretrained` writes for the "icl-speech-emotion" pipeline (pipeline_icl_ser.py);
-# a plain `model.save_pretrained` writes it too, so the folder runs with `pipeline(...)`.
-_PIPELINE_FILE = "pipeline_icl_ser.py"
-_CUSTOM_PIPELINES = {
-    "icl-speech-emotion": {"impl": "pipeline_icl_ser.IclSpeechEmotionPipeline", "pt": ["AutoModel"], "type": "multimodal"}
-}
-
+from .configuration_icl_ser import IclSerConfig
+from .projector import IclSerProjector
+from .readout import IclSerContextReadout
+from .route_mixing import mix_routes
+from .scoring import IclSerScoringMixin
+from .speaker_context import IclSerSpeakerContextMixin
+from .speaker_routes import IclSerSpeakerRoutes, speaker_standardize
 
 logger = logging.getLogger(__name__)
-
-
-def _pipeline_file() -> Optional[Path]:
-    """The pipeline code to copy into a checkpoint: beside this file (the package), else the
-    loaded pipeline module's (remote code: transformers caches each file in its own folder)."""
-    beside = Path(__file__).with_name(_PIPELINE_FILE)
-    if beside.is_file():
-        return beside
-    for name, module in list(sys.modules.items()):
-        file = getattr(module, "__file__", None)
-        if name.rsplit(".", 1)[-1] == _PIPELINE_FILE[:-3] and file and Path(file).is_file():
-            return Path(file)
-    return None
-
-
-def _copy_atomically(source: Path, target: Path) -> None:
-    """Copy a file through a temporary file in the target folder, renamed into place."""
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".py", dir=target.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(source.read_bytes())
-        os.replace(temporary, target)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
-def _fingerprint(version: str, config, module: nn.Module) -> str:
-    """sha256 over a version tag, a config's settings and a module's weights (names, dtypes, shapes, bytes)."""
-    def settings_of(values: dict) -> dict:
-        return {k: settings_of(v) if isinstance(v, dict) else v
-                for k, v in values.items() if k not in _FINGERPRINT_IGNORED_KEYS}
-
-    settings = settings_of(config.to_dict())
-    digest = hashlib.sha256(version.encode())
-    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(module.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-# ================================================================================================
-# 1. Projector: encoder frames -> audio tokens in the LM's width
-# ================================================================================================
-
-
-def _masked_mean_std(hidden: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor, use_std: bool = True) -> torch.Tensor:
-    """(N, T, D) frames, (N, T) validity mask and (N, S, T) 0/1 frame weights → (N, S, D or 2D)
-    mean (and std) over each group's frames, in float32."""
-    counts = weights.sum(-1, keepdim=True)
-    # Padded frames get weight 0; zero them too so non-finite padding cannot leak in.
-    hidden = hidden.float().masked_fill(~mask.bool()[..., None], 0.0)
-    mean = weights @ hidden / counts
-    if not use_std:
-        return mean
-    var = (weights @ hidden.square() / counts - mean.square()).clamp_min(0.0)
-    return torch.cat([mean, torch.sqrt(var + 1e-6)], dim=-1)  # eps keeps grads finite at var=0
-
-
-class IclSerProjector(nn.Module):
-    """Pools each utterance's valid frames into `num_audio_tokens` time segments and maps them to
-    the LM width (LayerNorm → Linear → GELU → Linear → RMSNorm).
-
-    The output has unit RMS per dimension; the model scales it to the LM's token-embedding RMS,
-    so audio tokens enter the LM at the scale its text tokens have (a raw MLP output is about
-    10× larger than SmolLM2's embeddings, and the LM then learns to ignore the audio).
-
-    Segment `s` of an utterance with `n` valid frames covers frames `[floor(s·n/S), floor((s+1)·n/S))`,
-    widened to at least one frame, so utterances shorter than `S` frames still give `S` tokens.
-    """
-
-    def __init__(self, config: IclSerConfig):
-        super().__init__()
-        self.num_audio_tokens = config.num_audio_tokens
-        self.use_std = config.audio_pooling == "mean_std"
-        audio_width = config.audio_config.hidden_size
-        text_width = config.text_config.hidden_size
-        hidden = config.projector_hidden_size or text_width
-        pooled_width = audio_width * (2 if self.use_std else 1)
-        self.input_norm = nn.LayerNorm(pooled_width)  # mean and std features differ in scale
-        self.dropout = nn.Dropout(config.audio_token_dropout)
-        self.linear_1 = nn.Linear(pooled_width, hidden)
-        self.act = nn.GELU()
-        self.linear_2 = nn.Linear(hidden, text_width)
-        self.output_norm = nn.RMSNorm(text_width)
-
-    def segment_weights(self, mask: torch.Tensor) -> torch.Tensor:
-        """(n_audio, frames) validity mask → (n_audio, S, frames) 0/1 segment membership."""
-        lengths = mask.long().sum(-1, keepdim=True)  # (N, 1)
-        seg = torch.arange(self.num_audio_tokens, device=mask.device)[None, :]  # (1, S)
-        start = torch.div(seg * lengths, self.num_audio_tokens, rounding_mode="floor")
-        end = torch.div((seg + 1) * lengths, self.num_audio_tokens, rounding_mode="floor")
-        end = torch.maximum(end, start + 1)  # short utterances: every segment keeps >= 1 frame
-        frames = torch.arange(mask.shape[-1], device=mask.device)[None, None, :]
-        return ((frames >= start[..., None]) & (frames < end[..., None])).float()
-
-    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Masked mean (and std) per segment: (N, T, D) → (N, S, D or 2D), in float32."""
-        return _masked_mean_std(hidden, mask, self.segment_weights(mask), self.use_std)
-
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(N, T, D) encoder frames + (N, T) mask → (N, num_audio_tokens, LM width)."""
-        pooled = self.dropout(self.input_norm(self.pool(hidden, mask).to(self.linear_1.weight.dtype)))
-        return self.output_norm(self.linear_2(self.act(self.linear_1(pooled))))
-
-
-# ================================================================================================
-# 2. Read-out: the enrollment read-out (query utterance vs labelled enrollment utterances)
-# ================================================================================================
-
-
-class IclSerContextReadout(nn.Module):
-    """The enrollment read-out: a one-layer attention from a query utterance to its speaker's
-    labelled enrollment utterances, whose values are the LM's own label-word embeddings.
-    docs/ARCHITECTURE.md ("Enrollment read-out") tells the same story at length.
-
-    * Keys and queries: each utterance is one vector, the mean and standard deviation of its
-      frames (of the encoder block the projector reads), layer-normalized (`summarize`).
-    * Scores: each of `context_readout_heads` heads scores the query against every enrollment
-      utterance by a learned distance, −τ_h·‖W_h(x_q − x_k)‖²/d (a metric, as in prototypical
-      networks: a close utterance scores high whatever K is, so one enrollment utterance is
-      already informative), and against a learned "none" slot (the query's emotion is not in
-      the enrollment).
-    * Values: each enrollment label's answer-token embeddings, averaged; labels are read from
-      the words, so arbitrary (permuted, unseen) label words work as well as the trained ones.
-      The head-weighted mix is the query's read-out vector (`forward`).
-    * Use: the model adds the vector onto the query's audio tokens and the text after them,
-      and, scaled by `output_gain`, onto the LM's final hidden states there, where the tied LM
-      head turns it into higher logits for those label words (a copy route). `classify` can
-      also use the attention as a pointer over the enrollment labels
-      (`config.context_readout_pointer`, off by default).
-    * Training: `matching_loss`, the attention mass on the enrollment utterances with the
-      query's label (or on "none"), beside the LM loss.
-
-    Why: the LM alone would have to match the query against enrollment lines and copy the word
-    that follows the match (an induction circuit, which LoRA meta-training did not learn;
-    docs/HISTORY.md). The read-out gives that match one attention step.
-    """
-
-    def __init__(self, config: IclSerConfig):
-        super().__init__()
-        width = config.audio_config.hidden_size * 2  # mean and std
-        heads, dim = int(config.context_readout_heads), int(config.context_readout_dim)
-        self.heads, self.dim = heads, dim
-        self.norm = nn.LayerNorm(width)
-        self.proj = nn.Linear(width, heads * dim, bias=False)
-        self.log_temperature = nn.Parameter(torch.zeros(heads))
-        self.none_score = nn.Parameter(torch.zeros(heads))
-        self.head_weight = nn.Parameter(torch.full((heads,), 1.0 / heads))
-        # Scale of the read-out added to the LM's final hidden states (the copy route).
-        self.output_gain = nn.Parameter(torch.tensor(1.0))
-
-    @property
-    def summary_width(self) -> int:
-        """Width of an utterance's summary vector (mean and std of its frames)."""
-        return self.norm.normalized_shape[0]
-
-    @staticmethod
-    def summarize(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(N, T, D) frames + (N, T) mask → (N, 2D) mean and std over each utterance's valid frames
-        (the projector's pooling with one segment)."""
-        return _masked_mean_std(hidden, mask, mask.float()[:, None, :])[:, 0]
-
-    def forward(
-        self, queries: torch.Tensor, enrollment: torch.Tensor, label_embeds: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Q, 2D) query summaries, (K >= 1, 2D) enrollment summaries and (K, W) their label
-        embeddings → (Q, W) read-out vectors and (Q, heads, K + 1) attention weights (the last
-        column is the "none" slot)."""
-        dtype = self.proj.weight.dtype
-        q = self.proj(self.norm(queries.to(dtype))).view(len(queries), self.heads, self.dim)
-        k = self.proj(self.norm(enrollment.to(dtype))).view(len(enrollment), self.heads, self.dim)
-        distance = (q[:, :, None, :] - k.transpose(0, 1)[None]).square().sum(-1) / self.dim  # (Q, H, K)
-        scores = -self.log_temperature.exp().to(distance.dtype)[None, :, None] * distance
-        none = self.none_score.to(scores.dtype)[None, :, None].expand(len(queries), -1, 1)
-        weights = torch.cat([scores, none], dim=-1).softmax(-1)  # (Q, H, K + 1)
-        mixed = torch.einsum("qhk,h->qk", weights[..., :-1], self.head_weight.to(weights.dtype))
-        return mixed.to(label_embeds.dtype) @ label_embeds, weights
-
-    @staticmethod
-    def matching_loss(weights: torch.Tensor, matches: torch.Tensor) -> torch.Tensor:
-        """−log of the attention mass (mean over heads) on the enrollment utterances with the
-        query's label, or on "none" when no enrollment utterance has it: the read-out's own
-        training signal, beside the LM loss (the LM cannot use an uninformed read-out).
-
-        Args:
-            weights: `(Q, H, K + 1)` attention weights from `forward`.
-            matches: `(Q, K)` bool, enrollment utterance k has query q's label.
-        """
-        target = torch.cat([matches, ~matches.any(-1, keepdim=True)], dim=-1).to(weights.dtype)
-        mass = (weights.mean(1) * target).sum(-1)
-        return -torch.log(mass.float() + 1e-6).mean()
-
-
-# ================================================================================================
-# 2b. Speaker routes: speaker normalization, the SI route and the prototype route
-# ================================================================================================
-
-
-def speaker_standardize(summaries: torch.Tensor, enrollment: torch.Tensor, variance_floor: float) -> torch.Tensor:
-    """Label-free speaker normalization: `(N, F)` summaries standardized by the `(K, F)` summaries
-    of the same speaker's enrollment utterances. K = 0 returns them unchanged; K = 1 subtracts the
-    one utterance; K >= 2 also divides by the per-dimension standard deviation, whose variance is
-    floored at `variance_floor` × its mean over dimensions."""
-    if len(enrollment) == 0:
-        return summaries
-    enrollment = enrollment.float()
-    centered = summaries.float() - enrollment.mean(0)
-    if len(enrollment) < 2:
-        return centered
-    var = enrollment.var(0, unbiased=False)
-    return centered / torch.sqrt(var + variance_floor * var.mean() + 1e-8)
-
-
-def match_labels(label_embeds: torch.Tensor, candidate_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(K, W)` enrollment label embeddings vs `(C, W)` candidate embeddings → `(index (K,), found
-    (K,))`: the candidate each enrollment label is (same answer tokens give the same embedding)."""
-    distance, index = torch.cdist(label_embeds.float(), candidate_embeds.float()).min(-1)
-    return index, distance <= 1e-4 * candidate_embeds.float().norm(dim=-1).mean()
-
-
-def prototype_probabilities(query: torch.Tensor, enrollment: torch.Tensor, enrollment_labels: torch.Tensor,
-                            candidate_embeds: torch.Tensor, temperature: float) -> Optional[torch.Tensor]:
-    """The parameter-free prototype route for one query: cosine of its `(F,)` summary to the mean
-    of each enrolled label's unit-length `(K, F)` summaries, softmax over the enrolled candidates
-    (temperature `temperature`); `(C,)` probabilities, 0 for candidates nobody enrolled. None when
-    no enrollment label is among the candidates."""
-    index, found = match_labels(enrollment_labels, candidate_embeds)
-    if not bool(found.any()):
-        return None
-    units = nn.functional.normalize(enrollment[found].float(), dim=-1)
-    classes = index[found]
-    sums = torch.zeros(len(candidate_embeds), units.shape[-1], device=units.device).index_add_(0, classes, units)
-    enrolled = torch.zeros(len(candidate_embeds), dtype=torch.bool, device=units.device)
-    enrolled[classes] = True
-    scores = nn.functional.normalize(sums, dim=-1) @ nn.functional.normalize(query.float(), dim=-1) / temperature
-    return scores.masked_fill(~enrolled, float("-inf")).softmax(-1)
-
-
-def mix_routes(routes: dict, weights: Optional[dict], weights_without_enrollment: Optional[dict] = None) -> torch.Tensor:
-    """`classify`'s mixture: `routes` maps "lm", "si", "prototype" to `(B, C)` probabilities (the
-    prototype's rows are NaN where a sample has no enrollment), `weights` to their weights
-    (`IclSerConfig.route_weights`; None = the LM alone). Each row mixes the routes it has, with
-    the weights renormalized over them; rows without enrollment use `weights_without_enrollment`
-    instead when given (`IclSerConfig.route_weights_without_enrollment`)."""
-    if weights_without_enrollment is not None:
-        prototype = routes.get("prototype")
-        enrolled = (torch.zeros(routes["lm"].shape[0], 1, dtype=torch.bool, device=routes["lm"].device)
-                    if prototype is None else ~torch.isnan(prototype).any(-1, keepdim=True))
-        return torch.where(enrolled, mix_routes(routes, weights), mix_routes(routes, weights_without_enrollment))
-    if not weights:
-        return routes["lm"]
-    total = torch.zeros_like(routes["lm"], dtype=torch.float32)
-    norm = torch.zeros(routes["lm"].shape[0], 1, device=total.device)
-    for name, weight in weights.items():
-        probs = routes.get(name)
-        if probs is None or float(weight) == 0:
-            continue
-        has = ~torch.isnan(probs).any(-1, keepdim=True)
-        total = total + float(weight) * torch.nan_to_num(probs.float()) * has
-        norm = norm + float(weight) * has
-    # A row with none of the weighted routes (e.g. prototype only, K = 0) falls back to the LM.
-    return torch.where(norm > 0, total / norm.clamp_min(1e-12), routes["lm"].float())
-
-
-# The SI route's normalized head also trains on enrollment utterances once a row has this many.
-NORMALIZED_ENROLLMENT_MIN_K = 4
-
-
-@dataclass
-class SpeakerRow:
-    """One prompt row, as the read-out and the routes see it.
-
-    Attributes:
-        queries: indices (into the batch's audios) of the row's unlabelled audios.
-        enrolled: indices of its labelled audios.
-        last_query: True when the row's last audio is unlabelled (the query the answer is for).
-        memory: `(K, F)` raw summaries of the row's enrollment (a profile's first), K >= 0.
-        memory_labels: `(K, W)` their label embeddings.
-        query_summaries: `(Q, F)` summaries of `queries`, speaker-normalized by `memory` when the
-            config asks for it; `memory_summaries` likewise for `memory`.
-    """
-
-    queries: torch.Tensor
-    enrolled: torch.Tensor
-    last_query: bool
-    memory: torch.Tensor
-    memory_labels: torch.Tensor
-    query_summaries: torch.Tensor
-    memory_summaries: torch.Tensor
-
-
-class IclSerSpeakerRoutes(nn.Module):
-    """The speaker-independent (SI) route: an utterance's summary vector (mean and std of its
-    frames) mapped into the LM's embedding width and scored against each candidate's label-word
-    embedding (unit length), so any label word can be scored (open vocabulary). Two heads: one
-    for raw summaries (no enrollment), one for speaker-normalized ones (`speaker_normalization`
-    and K >= 1), as the conventional "SI" and "SI + speaker norm." classifiers, inside the model.
-    Trained by `loss` beside the LM loss; `classify` mixes it in by `config.route_weights`.
-    """
-
-    def __init__(self, config: IclSerConfig):
-        super().__init__()
-        width = config.audio_config.hidden_size * 2
-        text_width = config.text_config.hidden_size
-        self.raw = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, text_width))
-        self.normalized = (nn.Sequential(nn.LayerNorm(width), nn.Linear(width, text_width))
-                           if config.speaker_normalization else None)
-
-    def logits(self, summaries: torch.Tensor, normalized: bool, candidate_embeds: torch.Tensor) -> torch.Tensor:
-        """`(Q, F)` summaries (speaker-normalized when `normalized`) and `(C, W)` candidate label
-        embeddings → `(Q, C)` logits."""
-        head = self.normalized if normalized and self.normalized is not None else self.raw
-        dtype = head[1].weight.dtype
-        vectors = head(summaries.to(dtype)).float()
-        return vectors @ nn.functional.normalize(candidate_embeds.float(), dim=-1).T
-
-
-# ================================================================================================
-# 3. Model: encoder -> projector (+ read-out) -> causal LM
-# ================================================================================================
 
 
 @dataclass
@@ -397,9 +56,6 @@ class EmbeddedPrompt:
         readout: `(batch, W)` each row's read-out vector (None without a read-out).
         readout_positions: `(batch, seq)` the positions after each row's last audio, which carry
             it (None without a read-out); anything appended to the prompt (candidates) too.
-        pointers: Per row, `(mass (K,), label_embeds (K, W))`: the read-out's attention mass
-            (mean over heads) on each enrollment utterance of the row's query and their label
-            embeddings, or None (no read-out, no enrollment).
         speaker_rows: Per row, its `SpeakerRow` (what the SI and prototype routes read), or None
             for a model without read-out or SI route.
     """
@@ -408,7 +64,6 @@ class EmbeddedPrompt:
     readout_loss: Optional[torch.Tensor] = None
     readout: Optional[torch.Tensor] = None
     readout_positions: Optional[torch.Tensor] = None
-    pointers: Optional[list] = None
     readout_loss_rows: int = 0
     speaker_rows: Optional[list] = None
 
@@ -432,7 +87,7 @@ class IclSerPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False
 
 
-class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
+class IclSerForConditionalGeneration(IclSerScoringMixin, IclSerSpeakerContextMixin, IclSerPreTrainedModel, GenerationMixin):
     """Speech encoder → [`IclSerProjector`] → causal LM, for in-context emotion labelling.
 
     The processor writes `config.num_audio_tokens` placeholder tokens (`config.audio_token_id`)
@@ -461,12 +116,18 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
 
         See `backbones.from_backbones`: Hub ids, local folders, a faster-whisper/CTranslate2
         Whisper folder for the encoder, a `.gguf` file for the LM. The projector is random.
+        Only in the installed package: the backbone loaders are not part of a checkpoint, so
+        they are imported by name here (a `from .backbones import` line would make transformers
+        copy them into every saved folder).
         """
-        from .backbones import from_backbones
+        try:
+            backbones = importlib.import_module(".backbones", __package__)
+        except ImportError as error:
+            raise ImportError("from_backbones needs the icl-ser package (pip install icl-ser); a model loaded "
+                              "from a checkpoint's remote code has no backbone loaders.") from error
+        return backbones.from_backbones(audio_encoder, language_model, labels=labels, **config_kwargs)
 
-        return from_backbones(audio_encoder, language_model, labels=labels, **config_kwargs)
-
-    # ----------------------------------------------------------------- embeddings / plumbing
+    # Embeddings and sub-models
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
 
@@ -482,7 +143,7 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
     def get_decoder(self) -> nn.Module:
         return self.language_model.get_decoder()
 
-    # ----------------------------------------------------------------------------- audio
+    # Audio features
     def get_audio_features(
         self, input_features: torch.Tensor, feature_attention_mask: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -581,10 +242,10 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         The data layer keys its frozen-feature cache on it: equal fingerprints mean equal
         encoder outputs. Hashes every encoder weight, so it takes a moment for large encoders.
         """
-        version = _ENCODER_PASS_VERSION
+        version = ENCODER_PASS_VERSION
         if self.config.audio_feature_layer is not None:  # other blocks, other features
             version += f"-block{int(self.config.audio_feature_layer)}"
-        return _fingerprint(version, self.config.audio_config, self.audio_tower)
+        return config_and_weights_digest(version, self.config.audio_config, self.audio_tower)
 
     def fingerprint(self) -> str:
         """A stable hex digest of the whole model: its config and every weight (with dtypes).
@@ -593,31 +254,31 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         cache) is only valid for a model with the same fingerprint. Hashes every weight, so it
         takes a moment for large models; callers cache it.
         """
-        return _fingerprint(_MODEL_FINGERPRINT_VERSION, self.config, self)
+        return config_and_weights_digest(MODEL_FINGERPRINT_VERSION, self.config, self)
 
-    # ---------------------------------------------------------------------------- saving
+    # Saving
     def save_pretrained(self, save_directory: Union[str, os.PathLike], *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, plus the `"icl-speech-emotion"` pipeline: its code
-        file is copied next to the model code and config.json names it in `custom_pipelines`,
+        """`PreTrainedModel.save_pretrained`, plus every code file the checkpoint needs
+        (`checkpointing.checkpoint_code_files`: the model's, the processor's and the
+        `"icl-speech-emotion"` pipeline's modules) and a `custom_pipelines` entry in config.json,
         so `pipeline("icl-speech-emotion", model=folder, trust_remote_code=True)` runs on a
         plain `model.save_pretrained` + `processor.save_pretrained` folder too.
 
-        Skipped (with a warning, and any inherited `custom_pipelines` left out of the saved
-        config) when the pipeline code is not at hand, e.g. a model loaded from remote code
+        The pipeline is skipped (with a warning, and any inherited `custom_pipelines` left out of
+        the saved config) when its code is not at hand, e.g. a model loaded from remote code
         without its pipeline; the folder then still loads with `AutoModel`.
         """
-        pipeline_file = _pipeline_file()
         registered = getattr(self, "_auto_class", None) is not None  # code files get copied
-        copy = registered and pipeline_file is not None
-        if registered and pipeline_file is None:
+        with_pipeline = registered and pipeline_at_hand()
+        if registered and not with_pipeline:
             logger.warning("The icl-speech-emotion pipeline code is not loaded; %s will load with AutoModel "
                            "but not with pipeline(...).", save_directory)
         # Changed while saving only, so the in-memory config stays as it was. Without the code
         # file, an inherited entry is left out: the folder must not name code it lacks.
         had = hasattr(self.config, "custom_pipelines")
         inherited = getattr(self.config, "custom_pipelines", None)
-        if copy:
-            self.config.custom_pipelines = inherited or json.loads(json.dumps(_CUSTOM_PIPELINES))
+        if with_pipeline:
+            self.config.custom_pipelines = inherited or json.loads(json.dumps(CUSTOM_PIPELINES))
         elif had:
             del self.config.custom_pipelines
         try:
@@ -627,11 +288,11 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
                 self.config.custom_pipelines = inherited
             elif hasattr(self.config, "custom_pipelines"):
                 del self.config.custom_pipelines
-        if copy and kwargs.get("is_main_process", True):
-            _copy_atomically(pipeline_file, Path(save_directory) / _PIPELINE_FILE)
+        if registered and kwargs.get("is_main_process", True):
+            save_code_files(save_directory)
         return result
 
-    # --------------------------------------------------------------------------- merging
+    # Prompt embedding: audio tokens in place of the placeholders
     def _count_audios(
         self, input_features: Optional[torch.Tensor], audio_hidden_states: Optional[torch.Tensor]
     ) -> int:
@@ -691,12 +352,12 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         hidden, hidden_mask = hidden.to(embeds.device), hidden_mask.to(embeds.device)
         audio_tokens = self.projector(hidden, hidden_mask)
         audio_tokens = audio_tokens * self._text_embedding_rms()
-        readout_loss = row_readout = after = pointers = speaker_rows = None
+        readout_loss = row_readout = after = speaker_rows = None
         readout_loss_rows = 0
         if self.context_readout is not None or self.speaker_routes is not None:
             speaker_rows, labelled = self._speaker_rows(placeholders, hidden, hidden_mask, audio_label_ids, enrollment_context)
         if self.context_readout is not None:
-            readout, (readout_loss, readout_loss_rows), pointers = self._read_enrollment(
+            readout, (readout_loss, readout_loss_rows) = self._read_enrollment(
                 speaker_rows, labelled, audio_label_ids, enrollment_context, query_answers
             )
             audio_tokens = audio_tokens + readout[:, None, :].to(audio_tokens.dtype)
@@ -711,7 +372,7 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
             embeds = embeds + after[..., None].to(embeds.dtype) * row_readout[:, None, :].to(embeds.dtype)
         # Row-major order of the placeholders = sample after sample, audio after audio.
         embeds = embeds.masked_scatter(placeholders[..., None], audio_tokens.to(embeds.dtype))
-        return EmbeddedPrompt(embeds, readout_loss, row_readout, after, pointers, readout_loss_rows, speaker_rows)
+        return EmbeddedPrompt(embeds, readout_loss, row_readout, after, readout_loss_rows, speaker_rows)
 
     @contextlib.contextmanager
     def _readout_on_output(self, positions: Optional[torch.Tensor], row_readout: Optional[torch.Tensor]):
@@ -737,168 +398,6 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         finally:
             handle.remove()
 
-    # ----------------------------------------------------------------- enrollment read-out
-    def feed_context_readout(self, enabled: bool) -> None:
-        """Whether the read-out's vector reaches the LM (its tokens, its output, the pointer).
-
-        Switched off, the model behaves as one without a read-out while the read-out's matching
-        loss still trains its attention: the first stage of train.py's two-stage schedule
-        (`--readout_stage_steps`), where the LM learns to label speech (K = 0) undisturbed.
-        Not saved: a loaded model always feeds it.
-        """
-        self.context_readout_feeds_lm = bool(enabled)
-
-    def _label_embeddings(self, audio_label_ids: torch.Tensor) -> torch.Tensor:
-        """(N, L) label token ids (-100 = none) → (N, W) mean token embedding (0 for unlabelled)."""
-        valid = audio_label_ids != -100
-        embeds = self.get_input_embeddings()(audio_label_ids.masked_fill(~valid, 0))
-        weights = valid.to(embeds.dtype)[..., None]
-        return (embeds * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-
-    def _check_audio_labels(self, audio_label_ids: Optional[torch.Tensor], n_audio: int) -> None:
-        if audio_label_ids is not None and (audio_label_ids.ndim != 2 or audio_label_ids.shape[0] != n_audio):
-            raise ValueError(
-                f"audio_label_ids must be (n_audio, L) with one row per audio ({n_audio}), got "
-                f"{tuple(audio_label_ids.shape)}. Build inputs with IclSerProcessor."
-            )
-
-    def enrollment_context(
-        self,
-        audio_label_ids: torch.Tensor,
-        input_features: Optional[torch.Tensor] = None,
-        feature_attention_mask: Optional[torch.Tensor] = None,
-        audio_hidden_states: Optional[torch.Tensor] = None,
-        audio_hidden_mask: Optional[torch.Tensor] = None,
-    ) -> Optional[torch.Tensor]:
-        """What the enrollment read-out needs of a speaker's K labelled utterances, computed once.
-
-        Returns `(K, summary_width + LM width)`: each utterance's summary vector and its label's
-        embedding, side by side (`None` for a model without a read-out). Pass it, expanded to
-        `(batch, K, ...)`, as `enrollment_context=` to `forward`/`classify` with prompts whose
-        enrollment lines come from a cached prefix (the pipeline's speaker profiles).
-        """
-        if self.context_readout is None:
-            return None
-        if input_features is not None:
-            hidden, mask = self.get_audio_features(input_features, feature_attention_mask)
-        elif audio_hidden_states is not None:
-            hidden = audio_hidden_states
-            mask = audio_hidden_mask if audio_hidden_mask is not None else torch.ones(hidden.shape[:2], dtype=torch.bool)
-        else:
-            raise ValueError("enrollment_context needs the enrollment audio: input_features or audio_hidden_states.")
-        self._check_audio_labels(audio_label_ids, hidden.shape[0])
-        if bool((audio_label_ids == -100).all(-1).any()):
-            raise ValueError("Every enrollment utterance needs its label's token ids in audio_label_ids.")
-        summaries = self.context_readout.summarize(hidden, mask.to(hidden.device))
-        labels = self._label_embeddings(audio_label_ids.to(hidden.device)).float()
-        return torch.cat([summaries, labels], dim=-1)
-
-    def _speaker_rows(
-        self,
-        placeholders: torch.Tensor,
-        hidden: torch.Tensor,
-        hidden_mask: torch.Tensor,
-        audio_label_ids: Optional[torch.Tensor],
-        enrollment_context: Optional[torch.Tensor],
-    ) -> tuple[list[SpeakerRow], torch.Tensor]:
-        """Each row's `SpeakerRow` (its unlabelled audios and its enrollment: `enrollment_context`'s
-        utterances first, then its labelled audios), and `(n_audio,)` which audios are labelled."""
-        n_audio = hidden.shape[0]  # audio_label_ids' shape was checked by _embed_with_audio
-        width = self.get_input_embeddings().weight.shape[-1]
-        per_row = (placeholders.sum(-1) // self.config.num_audio_tokens).tolist()
-        if enrollment_context is not None and enrollment_context.shape[0] != len(per_row):
-            raise ValueError(f"enrollment_context has {enrollment_context.shape[0]} rows for a batch of {len(per_row)}.")
-        summaries = IclSerContextReadout.summarize(hidden, hidden_mask)
-        if audio_label_ids is None:
-            labelled = torch.zeros(n_audio, dtype=torch.bool, device=hidden.device)
-            label_embeds = torch.zeros(n_audio, width, device=hidden.device)
-        else:
-            audio_label_ids = audio_label_ids.to(hidden.device)
-            labelled = (audio_label_ids != -100).any(-1)
-            label_embeds = self._label_embeddings(audio_label_ids).float()
-        split = summaries.shape[-1]
-        normalize = bool(self.config.speaker_normalization)
-        floor = float(self.config.speaker_variance_floor)
-        rows, start = [], 0
-        for row, count in enumerate(per_row):
-            index = torch.arange(start, start + count, device=hidden.device)
-            start += count
-            enrolled, queries = index[labelled[index]], index[~labelled[index]]
-            memory, memory_labels = summaries[enrolled], label_embeds[enrolled]
-            if enrollment_context is not None:
-                context = enrollment_context[row].to(hidden.device).float()
-                memory = torch.cat([context[:, :split], memory])
-                memory_labels = torch.cat([context[:, split:], memory_labels])
-            query_summaries, memory_summaries = summaries[queries], memory
-            if normalize:
-                query_summaries = speaker_standardize(query_summaries, memory, floor)
-                memory_summaries = speaker_standardize(memory, memory, floor)
-            rows.append(SpeakerRow(queries, enrolled, bool(count) and not bool(labelled[index[-1]]), memory, memory_labels,
-                                   query_summaries, memory_summaries))
-        return rows, labelled
-
-    def _read_enrollment(
-        self,
-        speaker_rows: list[SpeakerRow],
-        labelled: torch.Tensor,
-        audio_label_ids: Optional[torch.Tensor],
-        enrollment_context: Optional[torch.Tensor],
-        query_answers: Optional[list[list[int]]] = None,
-    ) -> tuple[torch.Tensor, tuple[Optional[torch.Tensor], int], list]:
-        """(N, W) read-out vector per audio: zero for labelled (enrollment) audios and for queries
-        without enrollment; for each unlabelled audio, the read-out over its row's enrollment
-        (`_speaker_rows`). With `query_answers` (row i's query answer ids), also `(mean matching
-        loss, rows)` over the rows' last unlabelled audios, else `(None, 0)`.
-        Third, per row, the pointer of its last audio (`EmbeddedPrompt.pointers`) or None."""
-        n_audio = labelled.shape[0]
-        width = self.get_input_embeddings().weight.shape[-1]
-        out = torch.zeros(n_audio, width, device=labelled.device, dtype=torch.float32)
-        pointers = [None] * len(speaker_rows)
-        if audio_label_ids is None and enrollment_context is None:
-            return out, (None, 0), pointers
-        if not self.context_readout_feeds_lm and query_answers is None:
-            return out, (None, 0), pointers  # switched off and no matching loss asked for: nothing to read
-        rows, reads, losses = [], [], []
-        for row, speaker in enumerate(speaker_rows):
-            queries = speaker.queries
-            if len(queries) and len(speaker.memory):
-                read, weights = self.context_readout(speaker.query_summaries, speaker.memory_summaries, speaker.memory_labels)
-                rows.append(queries)
-                reads.append(read.float())
-                if speaker.last_query:  # the row's query is its last audio
-                    pointers[row] = (weights[-1, :, :-1].mean(0).float(), speaker.memory_labels)
-                if query_answers is not None and enrollment_context is None:
-                    answer = query_answers[row]
-                    matches = torch.tensor([[[i for i in ids if i != -100] == answer
-                                             for ids in audio_label_ids[speaker.enrolled].tolist()]],
-                                           dtype=torch.bool, device=labelled.device)
-                    losses.append(self.context_readout.matching_loss(weights[-1:], matches))
-        if rows:
-            out = out.index_copy(0, torch.cat(rows), torch.cat(reads))
-        drop = float(self.config.context_readout_dropout)
-        if self.training and drop > 0:
-            # Whole queries without their read-out: the LM must keep learning to label speech
-            # itself (its K = 0 skill) instead of leaning on the read-out whenever K > 0.
-            out = out * (torch.rand(n_audio, 1, device=out.device) >= drop).to(out.dtype)
-        loss = (torch.stack(losses).mean() if losses else None, len(losses))
-        if not self.context_readout_feeds_lm:
-            return torch.zeros_like(out), loss, [None] * len(speaker_rows)
-        return out, loss, pointers
-
-    @staticmethod
-    def _query_answers(labels: torch.Tensor) -> list[list[int]]:
-        """Each row's last run of target tokens (its query's answer) from training `labels`."""
-        answers = []
-        for row in labels.tolist():
-            end = len(row)
-            while end and row[end - 1] == -100:
-                end -= 1
-            start = end
-            while start and row[start - 1] != -100:
-                start -= 1
-            answers.append(row[start:end])
-        return answers
-
     @torch.no_grad()
     def _text_embedding_rms(self) -> torch.Tensor:
         """RMS of the LM's token embeddings (the scale audio tokens are brought to).
@@ -914,14 +413,7 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
             self._embedding_rms_key = key
         return self._embedding_rms
 
-    @staticmethod
-    def _positions_from_mask(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
-        """Left padding: positions count valid tokens only; the last `seq_len` are returned."""
-        positions = attention_mask.long().cumsum(-1) - 1
-        positions = positions.masked_fill(attention_mask == 0, 1)
-        return positions[:, -seq_len:]
-
-    # --------------------------------------------------------------------------- forward
+    # Forward pass and loss
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -1030,53 +522,6 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
                 outputs.loss = outputs.loss + self.config.si_route_loss_coef * si_loss.to(outputs.loss.dtype)
         return outputs
 
-    def _candidate_embeddings(self, cands: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
-        """`(B, C, L)` candidate ids and mask → `(B, C, W)` label embeddings (as the read-out's)."""
-        embeds = self._label_embeddings(cands.masked_fill(cand_mask == 0, -100).flatten(0, 1))
-        return embeds.float().view(*cands.shape[:2], -1)
-
-    def _si_route_loss(self, speaker_rows: list, answers: list, audio_label_ids: Optional[torch.Tensor],
-                       candidate_input_ids, candidate_attention_mask):
-        """Cross-entropy of the SI route over the candidates: `(mean over rows, rows)`, `(None, 0)`
-        when no row has a target among the candidates.
-
-        A row's examples: its query (the normalized head when the row has enrollment, else the
-        raw one) and each enrollment utterance, on the raw head (the speaker-independent task,
-        five times the examples of the queries alone) and, with `NORMALIZED_ENROLLMENT_MIN_K`
-        or more of them, on the normalized head too (its statistics then hardly depend on the
-        utterance itself).
-        """
-        cands, cand_mask = self._expand_candidates(candidate_input_ids, candidate_attention_mask, len(speaker_rows))
-        cand_embeds = self._candidate_embeddings(cands, cand_mask)
-        normalized_head = self.speaker_routes.normalized is not None
-        losses = []
-        for row, speaker in enumerate(speaker_rows):
-            options = [[i for i, keep in zip(ids, kept) if keep] for ids, kept in zip(cands[row].tolist(), cand_mask[row].tolist())]
-            index_of = {tuple(ids): c for c, ids in reversed(list(enumerate(options)))}
-            terms = []
-
-            def add(summaries: torch.Tensor, normalized: bool, targets: list) -> None:
-                keep = [i for i, t in enumerate(targets) if t is not None]
-                if keep:
-                    logits = self.speaker_routes.logits(summaries[keep], normalized, cand_embeds[row])
-                    target = torch.tensor([targets[i] for i in keep], device=logits.device)
-                    terms.append(nn.functional.cross_entropy(logits, target, reduction="none"))
-
-            if speaker.last_query and answers is not None:
-                add(speaker.query_summaries[-1:], len(speaker.memory) > 0, [index_of.get(tuple(answers[row]))])
-            if len(speaker.enrolled) and audio_label_ids is not None:
-                targets = [index_of.get(tuple(i for i in ids if i != -100))
-                           for ids in audio_label_ids[speaker.enrolled].tolist()]
-                own = speaker.memory[-len(speaker.enrolled):]  # the row's labelled audios come last
-                add(own, False, targets)
-                if normalized_head and len(speaker.memory) >= NORMALIZED_ENROLLMENT_MIN_K:
-                    add(speaker.memory_summaries[-len(speaker.enrolled):], True, targets)
-            if terms:
-                losses.append(torch.cat(terms).mean())
-        if not losses:
-            return None, 0
-        return torch.stack(losses).mean(), len(losses)
-
     def _loss_at_targets(self, inputs_embeds, attention_mask, position_ids, cache, use_cache, labels, kwargs):
         """Shifted LM loss with logits only for the target tokens.
 
@@ -1111,214 +556,7 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=decoded.cache,
                                       hidden_states=decoded.hidden_states, attentions=decoded.attentions)
 
-    # ============================================================================================
-    # 4. Scoring: closed-set classification over label words (``classify``), then generation
-    # ============================================================================================
-    @torch.no_grad()
-    def classify(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor,
-        candidate_input_ids: torch.LongTensor,
-        candidate_attention_mask: Optional[torch.Tensor] = None,
-        input_features: Optional[torch.Tensor] = None,
-        feature_attention_mask: Optional[torch.Tensor] = None,
-        audio_hidden_states: Optional[torch.Tensor] = None,
-        audio_hidden_mask: Optional[torch.Tensor] = None,
-        audio_label_ids: Optional[torch.Tensor] = None,
-        enrollment_context: Optional[torch.Tensor] = None,
-        labels: Optional[torch.Tensor] = None,
-        cache: Optional[Cache] = None,
-        return_routes: bool = False,
-        **unused,
-    ) -> Union[torch.Tensor, dict]:
-        """Closed-set probabilities of the candidate labels for each sample.
-
-        Each candidate (the tokens of its answer text, e.g. `" happiness\\n"`) is scored by its
-        mean token log-likelihood after the prompt; a softmax over candidates gives the result.
-        Prompt and candidates run in **one** LM pass: the candidates are laid side by side after
-        the prompt, and a 4D attention mask lets each candidate token see the prompt and its own
-        earlier tokens only, with positions continuing the prompt's (a small LM's cost on CPU is
-        mostly reading its weights, so one pass instead of two matters).
-
-        Args:
-            input_ids, attention_mask, input_features, ...: the processor's (left-padded) prompt
-                batch, as for `forward`. `labels` (training targets) is ignored.
-            candidate_input_ids: `(n_labels, L)` shared by the batch, or `(batch, n_labels, L)`;
-                right-padded.
-            candidate_attention_mask: Same shape, 1 for real candidate tokens.
-            cache: Key/value cache of a prompt prefix already run for every row (e.g. a speaker's
-                instruction and enrollment lines); `input_ids` then hold only the rest of the prompt
-                and `attention_mask` covers `prefix + input_ids`. The cache is extended in place
-                (pass a fresh one per call). Scores equal those of the whole prompt in one pass.
-                With an enrollment read-out, pass the prefix's `enrollment_context` too.
-
-            return_routes: Return each route's probabilities instead of their mixture: a dict
-                `{"lm", "si", "prototype"}` of `(batch, n_labels)` (None for a route the model
-                lacks; NaN rows where a route cannot score), from which `mix_routes` gives the
-                mixture for any `route_weights` (train.py chooses them this way).
-
-        Returns:
-            `(batch, n_labels)` probabilities (rows sum to 1), in the candidates' order: the LM's,
-            mixed with the SI and prototype routes by `config.route_weights` when set.
-
-        Raises:
-            ValueError: right-padded prompts, a mask that does not cover prefix + prompt, empty
-                candidates, or an LM attention kernel that takes no 4D mask (use "sdpa" or "eager").
-        """
-        batch = input_ids.shape[0]
-        cands, cand_mask = self._expand_candidates(candidate_input_ids, candidate_attention_mask, batch)
-        if not bool((attention_mask[:, -1] == 1).all()):
-            raise ValueError("classify needs left-padded prompts (the last position of every row must be a token).")
-        past = 0 if cache is None else cache.get_seq_length()
-        prompt_len = input_ids.shape[1]
-        if attention_mask.shape[1] != past + prompt_len:
-            raise ValueError(
-                f"attention_mask has {attention_mask.shape[1]} positions but the cached prefix ({past}) plus "
-                f"input_ids ({prompt_len}) have {past + prompt_len}; it must cover both."
-            )
-        attention = self.language_model.config._attn_implementation
-        if attention not in ("sdpa", "eager"):
-            raise ValueError(f"classify scores all candidates in one pass with a 4D attention mask, which the "
-                             f"{attention!r} attention kernel does not take; load the model with attn_implementation='sdpa'.")
-        n_labels, cand_len = cands.shape[1], cands.shape[2]
-        # Candidates side by side, without the columns that are padding in every row.
-        column_mask = cand_mask.reshape(batch, n_labels * cand_len)
-        kept = column_mask.bool().any(0).nonzero().squeeze(-1)
-        cand_ids = cands.masked_fill(cand_mask == 0, 0).reshape(batch, -1)[:, kept]  # pads: any valid id
-        cand_of, token_of = kept // cand_len, kept % cand_len
-
-        prompt = self._embed_with_audio(
-            input_ids, input_features, feature_attention_mask, audio_hidden_states, audio_hidden_mask,
-            audio_label_ids, enrollment_context)
-        embeds, row_readout, readout_positions = prompt.embeds, prompt.readout, prompt.readout_positions
-        candidate_embeds = self.get_input_embeddings()(cand_ids)
-        if row_readout is not None:  # as on the answer tokens in training
-            candidate_embeds = candidate_embeds + row_readout[:, None, :].to(candidate_embeds.dtype)
-            readout_positions = torch.cat([readout_positions, torch.ones_like(cand_ids, dtype=torch.bool)], dim=1)
-        embeds = torch.cat([embeds, candidate_embeds], dim=1)
-        mask, positions = self._candidate_tree(attention_mask, prompt_len, cand_of, token_of, attention, embeds.dtype)
-
-        # Logits only where they predict a candidate token: the prompt's end predicts token 0 of
-        # every candidate, candidate c's token j-1 predicts its token j (the previous kept column).
-        previous = prompt_len + torch.arange(len(kept), device=kept.device) - 1
-        predictors = torch.where(token_of == 0, prompt_len - 1, previous)
-        with self._readout_on_output(readout_positions, row_readout):
-            logits = self.language_model(
-                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
-                use_cache=cache is not None, logits_to_keep=predictors,
-            ).logits  # (B, kept, V)
-        token_logp = logits.float().log_softmax(-1).gather(-1, cand_ids[..., None]).squeeze(-1)
-        token_logp = token_logp * column_mask[:, kept]
-        scores = torch.zeros(batch, n_labels, device=token_logp.device).index_add_(1, cand_of, token_logp)
-        probs = (scores / cand_mask.sum(-1)).softmax(-1)
-        if self.config.context_readout_pointer and prompt.pointers is not None:
-            probs = self._mix_pointers(probs, prompt.pointers, cands, cand_mask)
-        if not (return_routes or self.config.route_weights or self.config.route_weights_without_enrollment):
-            return probs
-        routes = self._route_probabilities(probs, prompt.speaker_rows, cands, cand_mask)
-        return routes if return_routes else mix_routes(routes, self.config.route_weights,
-                                                       self.config.route_weights_without_enrollment)
-
-    def _route_probabilities(self, probs: torch.Tensor, speaker_rows: Optional[list], cands: torch.Tensor,
-                             cand_mask: torch.Tensor) -> dict:
-        """`{"lm": probs, "si": (B, C) or None, "prototype": (B, C)}` for `classify`'s mixture; the
-        rows a route cannot score (no enrollment for the prototype route) are NaN."""
-        routes = {"lm": probs, "si": None, "prototype": None}
-        if speaker_rows is None:
-            return routes
-        cand_embeds = self._candidate_embeddings(cands, cand_mask)
-        nan = torch.full(probs.shape, float("nan"), device=probs.device)
-        prototype, si = nan.clone(), (nan.clone() if self.speaker_routes is not None else None)
-        for b, row in enumerate(speaker_rows):
-            if not row.last_query:
-                continue
-            query = row.query_summaries[-1]
-            if si is not None:
-                si[b] = self.speaker_routes.logits(query[None], len(row.memory) > 0, cand_embeds[b]).softmax(-1)[0]
-            if len(row.memory):
-                point = prototype_probabilities(query, row.memory_summaries, row.memory_labels, cand_embeds[b],
-                                                float(self.config.prototype_temperature))
-                if point is not None:
-                    prototype[b] = point
-        routes.update(si=si, prototype=prototype)
-        return routes
-
-    def _mix_pointers(self, probs: torch.Tensor, pointers: list, cands: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
-        """Pointer-generator mixture: row b's probabilities become `(1 − m) · probs + pointer`,
-        where `pointer` puts the read-out's attention mass on each enrollment utterance onto the
-        candidate with that label and `m` is its total (the rest, "none" and labels outside the
-        candidates, stays with the LM). Labels are matched by their answer embeddings, which
-        are the same for the same tokens; this works for a profile's enrollment too."""
-        cand_embeds = self._candidate_embeddings(cands, cand_mask)  # (B, n_labels, W)
-        mixed = []
-        for b, pointer in enumerate(pointers):
-            if pointer is None:
-                mixed.append(probs[b])
-                continue
-            mass, label_embeds = pointer
-            match, found = match_labels(label_embeds, cand_embeds[b])
-            point = torch.zeros_like(probs[b]).index_add_(0, match[found], mass[found].to(probs.dtype))
-            mixed.append((1 - point.sum()) * probs[b] + point)
-        return torch.stack(mixed)
-
-    @staticmethod
-    def _candidate_tree(
-        attention_mask: torch.Tensor,
-        prompt_len: int,
-        cand_of: torch.Tensor,
-        token_of: torch.Tensor,
-        attention: str,
-        dtype: torch.dtype,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """4D attention mask `(B, 1, P + N, past + P + N)` and position ids `(B, P + N)` for a
-        left-padded prompt (its last `prompt_len` = P tokens after `past` cached ones) followed by
-        N candidate tokens, column n being token `token_of[n]` of candidate `cand_of[n]`.
-
-        Prompt tokens see the valid prefix/prompt tokens up to themselves; candidate c's token j
-        sees the whole valid prompt and candidate c's tokens 0..j, at position `n_valid + j`.
-        Every token also sees itself, so padding rows stay finite. The mask is boolean (True =
-        attend) for "sdpa" and additive for "eager".
-        """
-        batch, device = attention_mask.shape[0], attention_mask.device
-        valid = attention_mask.bool()  # (B, past + P)
-        past, n_cand = valid.shape[1] - prompt_len, len(cand_of)
-        causal = torch.ones(prompt_len, past + prompt_len, dtype=torch.bool, device=device).tril(diagonal=past)
-        own_tokens = (cand_of[:, None] == cand_of[None, :]) & (token_of[None, :] <= token_of[:, None])
-
-        allowed = torch.zeros(batch, prompt_len + n_cand, past + prompt_len + n_cand, dtype=torch.bool, device=device)
-        allowed[:, :prompt_len, : past + prompt_len] = causal & valid[:, None, :]
-        allowed[:, prompt_len:, : past + prompt_len] = valid[:, None, :]
-        allowed[:, prompt_len:, past + prompt_len :] = own_tokens
-        diagonal = torch.arange(prompt_len + n_cand, device=device)
-        allowed[:, diagonal, past + diagonal] = True
-
-        prompt_positions = IclSerForConditionalGeneration._positions_from_mask(attention_mask, prompt_len)
-        cand_positions = valid.sum(-1, keepdim=True) + token_of[None, :]
-        positions = torch.cat([prompt_positions, cand_positions], dim=1)
-        if attention == "sdpa":
-            return allowed[:, None], positions
-        additive = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-        return additive[:, None], positions
-
-    @staticmethod
-    def _expand_candidates(
-        ids: torch.Tensor, mask: Optional[torch.Tensor], batch: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if mask is None:
-            mask = torch.ones_like(ids)
-        if ids.ndim == 2:
-            ids, mask = ids[None].expand(batch, -1, -1), mask[None].expand(batch, -1, -1)
-        if ids.ndim != 3 or ids.shape[0] != batch or ids.shape != mask.shape:
-            raise ValueError(
-                "candidate_input_ids must be (n_labels, L) or (batch, n_labels, L) with a mask of the same "
-                f"shape; got {tuple(ids.shape)} and {tuple(mask.shape)} for batch {batch}."
-            )
-        if ids.shape[1] == 0 or bool((mask.sum(-1) == 0).any()):
-            raise ValueError("Every candidate label needs at least one token; pass non-empty labels.")
-        return ids, mask.float()
-
-    # --------------------------------------------------------------------------- generation
+    # Generation
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs):
         """Audio (features, cached encoder outputs and their masks) is used on the prefill step
         only; later steps reuse the cache. Candidate tensors are dropped (classify-only)."""
@@ -1331,4 +569,5 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         return super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
 
 
-__all__ = ["IclSerPreTrainedModel", "IclSerForConditionalGeneration", "IclSerProjector", "IclSerContextReadout"]
+__all__ = ["IclSerPreTrainedModel", "IclSerForConditionalGeneration", "IclSerProjector", "IclSerContextReadout",
+           "mix_routes", "speaker_standardize"]

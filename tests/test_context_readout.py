@@ -8,7 +8,7 @@ import torch
 from transformers import pipeline
 
 from modeling_icl_ser import IclSerConfig
-from modeling_icl_ser.modeling_icl_ser import IclSerContextReadout
+from modeling_icl_ser.readout import IclSerContextReadout
 from modeling_icl_ser.testing import tiny_icl_ser
 
 LABELS = ["anger", "calm", "disgust", "fear", "happiness", "neutral", "sadness", "surprise"]
@@ -154,11 +154,9 @@ def test_bad_audio_label_ids_raise(readout_model, make_audio):
         IclSerConfig(context_readout_heads=-1)
 
 
-@pytest.mark.parametrize("pointer", [False, True])
 @pytest.mark.parametrize("k", [0, 1, 3])
-def test_profile_keeps_the_readout(readout_model, make_audio, k, pointer, tmp_path, monkeypatch):
+def test_profile_keeps_the_readout(readout_model, make_audio, k, tmp_path):
     model, processor = readout_model
-    monkeypatch.setattr(model.config, "context_readout_pointer", pointer)
     pipe = pipeline("icl-speech-emotion", model=model, processor=processor, device="cpu")
     query, enrollment = _episode(make_audio, k, 3)
     profile = pipe.enroll(enrollment, sampling_rate=SR)
@@ -242,10 +240,10 @@ def test_readout_dropout_only_while_training(make_audio):
     with torch.no_grad():
         rows, labelled = model._speaker_rows(placeholders, hidden, mask, batch["audio_label_ids"], None)
         model.eval()
-        kept, _, _ = model._read_enrollment(rows, labelled, batch["audio_label_ids"], None)
+        kept, _ = model._read_enrollment(rows, labelled, batch["audio_label_ids"], None)
         model.train()
         torch.manual_seed(0)
-        dropped, _, _ = model._read_enrollment(rows, labelled, batch["audio_label_ids"], None)
+        dropped, _ = model._read_enrollment(rows, labelled, batch["audio_label_ids"], None)
     model.eval()
     queries = (batch["audio_label_ids"] == -100).all(-1)
     assert bool((kept[queries].abs().sum(-1) > 0).all())  # every query is read at inference
@@ -256,30 +254,10 @@ def test_readout_dropout_only_while_training(make_audio):
         IclSerConfig(context_readout_dropout=1.0)
 
 
-def test_pointer_moves_the_attended_mass_onto_the_enrollment_labels(make_audio):
-    model, processor = tiny_icl_ser(seed=3, context_readout_heads=1, context_readout_pointer=True)
-    readout = model.context_readout
-    with torch.no_grad():  # sharp attention on the most similar enrollment utterance, nothing on "none"
-        readout.log_temperature.fill_(math.log(1e7))
-        readout.none_score.fill_(-1e9)
-        readout.output_gain.fill_(0.0)
-        readout.head_weight.fill_(0.0)  # no vector on the tokens: only the pointer acts
-    model.eval()
-    clips = [make_audio(0.6 + 0.15 * j, seed=40 + j) for j in range(3)]
-    words = ["surprise", "anger", "sadness"]
-    for j in range(3):
-        batch = processor(query=clips[j], enrollment=list(zip(clips, words)), sampling_rate=SR)
-        with torch.no_grad():
-            probs = model.classify(**batch)[0]
-            model.config.context_readout_pointer = False
-            try:
-                lm_only = model.classify(**batch)[0]
-            finally:
-                model.config.context_readout_pointer = True  # back to this test's setting
-        assert abs(float(probs.sum()) - 1) < 1e-5
-        assert float(probs[processor.labels.index(words[j])]) > 0.99  # all mass on the matching label
-        assert float(lm_only[processor.labels.index(words[j])]) < 0.5
-    # "none" takes it all: the LM's probabilities are left as they are.
-    with torch.no_grad():
-        readout.none_score.fill_(1e9)
-        torch.testing.assert_close(model.classify(**batch), lm_only[None], atol=1e-6, rtol=0)
+def test_removed_pointer_option_loads_off_and_refuses_on(caplog):
+    """`context_readout_pointer` is gone: an old config with it off loads as before; one with it on
+    is refused (its `classify` would differ), naming the ways to load it."""
+    assert not hasattr(IclSerConfig(context_readout_pointer=False), "context_readout_pointer")
+    assert "context_readout_pointer" not in IclSerConfig(context_readout_pointer=False).to_dict()
+    with pytest.raises(ValueError, match="context_readout_pointer.*trust_remote_code"):
+        IclSerConfig(context_readout_pointer=True)

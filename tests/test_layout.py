@@ -53,3 +53,37 @@ def test_model_folder_holds_no_evaluation_code():
     for name in ("baselines.py", "metrics.py", "episodic.py"):
         assert not (REPO / "modeling_icl_ser" / name).exists()
         assert (REPO / "evaluation" / name).is_file()
+
+
+#: Longest file the model folder may hold: small modules with one job each.
+MAX_MODEL_FILE_LINES = 650
+
+
+def test_model_folder_files_are_small():
+    lengths = {path.name: len(path.read_text(encoding="utf-8").splitlines())
+               for path in sorted((REPO / "modeling_icl_ser").glob("*.py"))}
+    assert {name: n for name, n in lengths.items() if n > MAX_MODEL_FILE_LINES} == {}
+
+
+def test_model_folder_modules_import_only_lower_ones():
+    """Inside modeling_icl_ser/, relative imports form no cycle (each file imports only files below it)."""
+    folder = REPO / "modeling_icl_ser"
+    imports = {}
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imports[path.stem] = {node.module.split(".")[0] for node in ast.walk(tree)
+                              if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+    done, visiting = set(), []
+
+    def visit(module):
+        assert module not in visiting, f"import cycle: {' -> '.join(visiting + [module])}"
+        if module in done or module not in imports:
+            return
+        visiting.append(module)
+        for name in sorted(imports[module]):
+            visit(name)
+        visiting.pop()
+        done.add(module)
+
+    for module in sorted(imports):
+        visit(module)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from modeling_icl_ser import IclSerConfig, IclSerForConditionalGeneration
-from modeling_icl_ser.modeling_icl_ser import IclSerProjector
+from modeling_icl_ser.projector import IclSerProjector
 
 LABELS = ["anger", "calm", "disgust", "fear", "happiness", "neutral", "sadness", "surprise"]
 

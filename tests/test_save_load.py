@@ -3,9 +3,18 @@
 import json
 import os
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import torch
+from transformers.dynamic_module_utils import get_relative_imports
+
+from modeling_icl_ser.checkpointing import checkpoint_code_files
+
+PACKAGE = Path(__file__).resolve().parents[1] / "modeling_icl_ser"
+# Package modules a checkpoint does not carry: the package's entry point, the test model and the
+# backbone loaders (they need pip packages and files a Hub checkpoint does not have).
+NOT_IN_CHECKPOINTS = {"__init__.py", "testing.py", "backbones.py", "ctranslate2_whisper.py"}
 
 _CHILD = textwrap.dedent(
     """
@@ -38,6 +47,11 @@ def test_round_trip_in_clean_subprocess(tiny, make_audio, tmp_path, run_clean_pr
     assert "model.safetensors" in files and not any(f.endswith(".bin") for f in files)
     assert {"configuration_icl_ser.py", "modeling_icl_ser.py", "processing_icl_ser.py", "audio_utils.py",
             "pipeline_icl_ser.py"} <= files  # a plain save carries the pipeline too (tests/test_pipeline.py)
+    assert set(checkpoint_code_files()) <= files
+    assert not files & NOT_IN_CHECKPOINTS
+    for name in sorted(f for f in files if f.endswith(".py")):  # the saved code is complete
+        missing = {f"{module}.py" for module in get_relative_imports(ckpt / name)} - files
+        assert not missing, f"{name} imports {missing}, which the checkpoint lacks"
     config = json.loads((ckpt / "config.json").read_text())
     assert config["auto_map"]["AutoModel"] == "modeling_icl_ser.IclSerForConditionalGeneration"
     assert "icl-speech-emotion" in config["custom_pipelines"]
@@ -74,3 +88,13 @@ def test_in_process_reload_keeps_weights(tiny, tmp_path):
     again = IclSerForConditionalGeneration.from_pretrained(tmp_path)
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_every_package_module_is_carried_or_named_as_not():
+    """A module added to the package is either in every checkpoint (a checkpoint module imports
+    it) or listed here as one that stays out, so none is forgotten."""
+    carried = set(checkpoint_code_files())
+    package = {path.name for path in PACKAGE.glob("*.py")}
+    assert carried | NOT_IN_CHECKPOINTS == package
+    assert not carried & NOT_IN_CHECKPOINTS
+    assert {"projector.py", "readout.py", "speaker_routes.py", "route_mixing.py", "checkpointing.py"} <= carried

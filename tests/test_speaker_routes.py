@@ -9,7 +9,8 @@ from transformers import pipeline
 from evaluation.baselines import EnrollmentPrototypes
 from evaluation.route_weights import choose_route_weights, weight_grid
 from modeling_icl_ser import IclSerConfig
-from modeling_icl_ser.modeling_icl_ser import mix_routes, speaker_standardize
+from modeling_icl_ser.route_mixing import mix_routes
+from modeling_icl_ser.speaker_routes import speaker_standardize
 from modeling_icl_ser.testing import tiny_icl_ser
 
 LABELS = ["anger", "calm", "disgust", "fear", "happiness", "neutral", "sadness", "surprise"]
