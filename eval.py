@@ -230,8 +230,7 @@ def mixture(scored: dict, config, k: int, override: Optional[dict] = None) -> np
     and without enrollment."""
     import torch
 
-    from evaluation.route_weights import weights_for_k
-    from modeling_icl_ser.modeling_icl_ser import mix_routes
+    from modeling_icl_ser.route_mixing import mix_routes, weights_for_k
 
     routes = {route: None if p is None else torch.from_numpy(p) for route, p in scored.items()}
     by_k = override or getattr(config, "route_weights_by_k", None)

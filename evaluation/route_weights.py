@@ -135,10 +135,3 @@ def choose_route_weights_per_k(
                 best, best_scores = weights, scores
         chosen[k], means[k], per_fold[k] = best, float(np.mean(best_scores)), [float(s) for s in best_scores]
     return chosen, means, per_fold
-
-
-def weights_for_k(weights_by_k: Mapping, k: int) -> Optional[dict[str, float]]:
-    """The weights a sample with ``k`` enrollment utterances uses: those of the largest chosen K
-    that is <= k (K = 3 uses K = 2's, K = 16 uses K = 8's); None when no chosen K is <= k."""
-    chosen = sorted((int(key), value) for key, value in weights_by_k.items() if int(key) <= k)
-    return dict(chosen[-1][1]) if chosen else None

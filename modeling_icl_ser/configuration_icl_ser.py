@@ -106,6 +106,10 @@ class IclSerConfig(PretrainedConfig):
         route_weights_without_enrollment: The same for samples without enrollment (K = 0), where
             the best mixture differs (no prototype route, the SI route on raw summaries);
             `None` = `route_weights`.
+        route_weights_by_k: Weights per enrollment size, `{"0": {...}, "1": {...}, ..., "8": {...}}`:
+            a sample with K enrollment utterances mixes by the entry of the largest listed K <= K.
+            When set it replaces `route_weights` and `route_weights_without_enrollment`. train.py
+            chooses it out of domain (`--route_weights_from held_out_corpora`).
         labels: Default emotion vocabulary (candidate labels when none are given).
         instruction_template: First prompt line; `{labels}` is replaced by the candidate labels
             joined by `label_separator`.
@@ -144,6 +148,7 @@ class IclSerConfig(PretrainedConfig):
     prototype_temperature: float = 0.1
     route_weights: dict | None = None
     route_weights_without_enrollment: dict | None = None
+    route_weights_by_k: dict | None = None
     labels: list[str] | None = None
     instruction_template: str = DEFAULT_INSTRUCTION
     enrollment_template: str = DEFAULT_ENROLLMENT
@@ -187,14 +192,20 @@ class IclSerConfig(PretrainedConfig):
         if float(self.speaker_variance_floor) < 0 or float(self.prototype_temperature) <= 0:
             raise ValueError(f"speaker_variance_floor must be >= 0 and prototype_temperature > 0, got "
                              f"{self.speaker_variance_floor} and {self.prototype_temperature}.")
-        for name in ("route_weights", "route_weights_without_enrollment"):
-            if getattr(self, name) is None:
+        checked = [(name, getattr(self, name)) for name in ("route_weights", "route_weights_without_enrollment")]
+        if self.route_weights_by_k is not None:
+            if not isinstance(self.route_weights_by_k, dict) or not all(str(k).isdigit() for k in self.route_weights_by_k):
+                raise ValueError(f"route_weights_by_k must map enrollment sizes K (>= 0) to route weights, got "
+                                 f"{self.route_weights_by_k!r}.")
+            checked += [(f"route_weights_by_k[{k}]", w) for k, w in self.route_weights_by_k.items()]
+        for name, weights in checked:
+            if weights is None:
                 continue
-            weights = dict(getattr(self, name))
+            weights = dict(weights)
             unknown = sorted(set(weights) - set(ROUTES))
             if unknown or any(float(v) < 0 for v in weights.values()) or sum(float(v) for v in weights.values()) <= 0:
                 raise ValueError(f"{name} must map some of {ROUTES} to weights >= 0 with a positive sum, got "
-                                 f"{getattr(self, name)!r}.")
+                                 f"{weights!r}.")
             if float(weights.get("si", 0)) > 0 and not self.si_route:
                 raise ValueError(f"{name} gives the SI route a weight but the model has none; set si_route=True "
                                  "(and train it) or drop 'si'.")

@@ -35,4 +35,22 @@ def mix_routes(routes: dict, weights: Optional[dict], weights_without_enrollment
     return torch.where(norm > 0, total / norm.clamp_min(1e-12), routes["lm"].float())
 
 
-__all__ = ["mix_routes"]
+def weights_for_k(weights_by_k: dict, k: int) -> Optional[dict]:
+    """The weights a sample with `k` enrollment utterances uses (`IclSerConfig.route_weights_by_k`):
+    those of the largest chosen K that is <= k (K = 3 uses K = 2's, K = 16 uses K = 8's); None
+    when no chosen K is <= k."""
+    chosen = sorted((int(key), value) for key, value in weights_by_k.items() if int(key) <= k)
+    return dict(chosen[-1][1]) if chosen else None
+
+
+def mix_routes_by_k(routes: dict, weights_by_k: dict, enrollment_sizes: torch.Tensor) -> torch.Tensor:
+    """`mix_routes` with each row's weights looked up by its enrollment size (`(B,)` K per row)."""
+    out = torch.zeros_like(routes["lm"], dtype=torch.float32)
+    for k in enrollment_sizes.unique().tolist():
+        rows = enrollment_sizes == k
+        part = {name: None if value is None else value[rows] for name, value in routes.items()}
+        out[rows] = mix_routes(part, weights_for_k(weights_by_k, int(k))).float()
+    return out
+
+
+__all__ = ["mix_routes", "mix_routes_by_k", "weights_for_k"]

@@ -11,7 +11,7 @@ from typing import Optional, Union
 import torch
 from transformers.cache_utils import Cache
 
-from .route_mixing import mix_routes
+from .route_mixing import mix_routes, mix_routes_by_k
 from .speaker_routes import prototype_probabilities
 
 
@@ -116,11 +116,16 @@ class IclSerScoringMixin:
         token_logp = token_logp * column_mask[:, kept]
         scores = torch.zeros(batch, n_labels, device=token_logp.device).index_add_(1, cand_of, token_logp)
         probs = (scores / cand_mask.sum(-1)).softmax(-1)
-        if not (return_routes or self.config.route_weights or self.config.route_weights_without_enrollment):
+        by_k = getattr(self.config, "route_weights_by_k", None)
+        if not (return_routes or by_k or self.config.route_weights or self.config.route_weights_without_enrollment):
             return probs
         routes = self._route_probabilities(probs, prompt.speaker_rows, cands, cand_mask)
-        return routes if return_routes else mix_routes(routes, self.config.route_weights,
-                                                       self.config.route_weights_without_enrollment)
+        if return_routes:
+            return routes
+        if by_k and prompt.speaker_rows is not None:
+            sizes = torch.tensor([len(row.memory) for row in prompt.speaker_rows], device=probs.device)
+            return mix_routes_by_k(routes, by_k, sizes)
+        return mix_routes(routes, self.config.route_weights, self.config.route_weights_without_enrollment)
 
     def _route_probabilities(self, probs: torch.Tensor, speaker_rows: Optional[list], cands: torch.Tensor,
                              cand_mask: torch.Tensor) -> dict:

@@ -6,7 +6,8 @@ import pytest
 from dataset_builder import attach_unlabelled, build_pools
 from dataset_builder.episodes import fixed_episodes
 from evaluation.baselines import make_baseline
-from evaluation.route_weights import choose_route_weights_per_k, weights_for_k
+from evaluation.route_weights import choose_route_weights_per_k
+from modeling_icl_ser.route_mixing import weights_for_k
 
 
 def _table(n_speakers=3, per_speaker=12, texts=4):

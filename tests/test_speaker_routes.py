@@ -84,6 +84,26 @@ def test_classify_mixes_the_routes_by_the_config(routed_model, make_audio, monke
     torch.testing.assert_close(mixed.sum(-1), torch.ones(2))
 
 
+def test_classify_mixes_by_the_weights_of_each_rows_enrollment_size(routed_model, make_audio, monkeypatch):
+    model, processor = routed_model
+    batch = processor(query=[make_audio(1.0, seed=5), make_audio(0.8, seed=6), make_audio(0.9, seed=7)],
+                      enrollment=[_enrollment(make_audio, 3), [], _enrollment(make_audio, 1, seed=2)], sampling_rate=SR)
+    with torch.no_grad():
+        routes = model.classify(**batch, return_routes=True)
+        # K = 0 → SI alone; K = 1 (largest listed K <= 1 is 0) → SI too; K = 3 (uses K = 2's) → prototype alone.
+        monkeypatch.setattr(model.config, "route_weights_by_k", {"0": {"si": 1.0}, "2": {"prototype": 1.0}})
+        mixed = model.classify(**batch)
+    torch.testing.assert_close(mixed[0], routes["prototype"][0])
+    torch.testing.assert_close(mixed[1], routes["si"][1])
+    torch.testing.assert_close(mixed[2], routes["si"][2])
+
+
+@pytest.mark.parametrize("by_k, message", [({"x": {"lm": 1.0}}, "enrollment sizes"), ({"2": {"lm": -1.0}}, "weights >= 0")])
+def test_bad_per_k_route_weights_raise(by_k, message):
+    with pytest.raises(ValueError, match=message):
+        IclSerConfig(route_weights_by_k=by_k)
+
+
 def test_si_route_uses_its_normalized_head_only_with_enrollment(routed_model, make_audio):
     model, processor = routed_model
     query = make_audio(1.0, seed=8)
