@@ -137,8 +137,12 @@ class _HeadFitter:
         self.units = nn.functional.normalize(label_embeds.float(), dim=-1)
 
     def logits(self, x: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        dtype = self.head[1].weight.dtype
-        return (self.head(x.to(dtype)).float() @ self.units.T).masked_fill(~candidates, float("-inf"))
+        """`head(x) @ units.T` (as `IclSerSpeakerRoutes.logits`), computed as `LN(x) @ (Wᵀ unitsᵀ)`:
+        the same values, but the batch never goes through the wide Linear (C << LM width)."""
+        norm, linear = self.head[0], self.head[1]
+        projected = linear.weight.float().T @ self.units.T  # (F, C)
+        logits = norm(x.to(linear.weight.dtype)).float() @ projected + linear.bias.float() @ self.units.T
+        return logits.masked_fill(~candidates, float("-inf"))
 
     def fit(self, batches, validation: tuple[torch.Tensor, torch.Tensor, torch.Tensor], class_weights: torch.Tensor) -> dict:
         settings = self.settings
@@ -184,6 +188,15 @@ def fit_si_route(routes: nn.Module, label_embeds: torch.Tensor, train: Utterance
         ``{"raw": {"val_ua", "best_step", "steps"}, "normalized": {...}}`` (validation UA of each head).
     """
     settings = settings or SiRouteFitting()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: thread start-up costs more than it saves, and more so on busy cores
+    try:
+        return _fit(routes, label_embeds, train, validation, variance_floor, settings)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(routes, label_embeds, train, validation, variance_floor, settings) -> dict:
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng([settings.seed, 7919])
     counts = torch.bincount(train.targets, minlength=len(label_embeds)).float()
