@@ -570,6 +570,11 @@ def describe_routes(config) -> str:
         return ", ".join(f"{name} {float(value):.1f}" for name, value in chosen.items() if float(value) > 0)
 
     parts = []
+    by_k = getattr(config, "route_weights_by_k", None)
+    if by_k:
+        steps = "; ".join(f"K ≥ {k}: {weights(w)}" for k, w in sorted(by_k.items(), key=lambda item: int(item[0])))
+        return (f"per enrollment size, {steps} (chosen out of domain: each training corpus held out in turn, "
+                "scored by a model trained on the others)")
     if config.route_weights:
         parts.append(f"with enrollment: {weights(config.route_weights)}")
     if config.route_weights_without_enrollment:
@@ -594,6 +599,19 @@ def training_summary(args: TrainingArguments, summary: dict) -> str:
         lines.append(f"Two stages: {args.max_steps - args.readout_stage_steps} steps of the LM path without the read-out's "
                      f"vector, then {args.readout_stage_steps} step(s) of the read-out alone on the fixed LM; best "
                      f"validation step {summary['best_step']}.")
+    if summary.get("si_route_fit"):
+        fit = summary["si_route_fit"]
+        lines.append("SI route fitted before meta-training on the training utterances' cached summaries (validation UA: "
+                     + ", ".join(f"{head} head {report['val_ua']:.3f} at step {report['best_step']}" for head, report in fit.items())
+                     + ").")
+    if summary.get("out_of_domain"):
+        ood = summary["out_of_domain"]
+        lines.append("Route weights chosen on held-out corpora (mean UA over the folds at each K: "
+                     + ", ".join(f"K={k}: {ua:.3f}" for k, ua in ood["ua"].items()) + "). With them, the validation "
+                     "speakers (in domain) score " + ", ".join(f"K={k[len('val_ua_k'):]}: {v:.3f}" for k, v in
+                                                               summary.get("validation_exported", {}).items()
+                                                               if k.startswith("val_ua_k"))
+                     + "; the table below is the in-domain choice of weights, for comparison.")
     lines += [
         "",
         "| validation | " + " | ".join(summary["validation"]) + " |",
@@ -660,6 +678,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     started = time.time()
 
     folds = run_held_out_folds(args, main) if args.route_weights_from == "held_out_corpora" else None
+    if folds and accelerator.is_main_process:
+        write_nested_weights(folds, args)  # usable for the folds' own tests while the release model trains
     table, labels = load_data(args, accelerator)
     model, processor, backbones = build_model(args, labels)
     data = prepare_episodes(args, accelerator, table, labels, model, processor)
@@ -845,16 +865,22 @@ def fit_model_si_route(model, processor, data, table, args) -> dict:
     return report
 
 
-def apply_out_of_domain_weights(model, folds: dict, args) -> dict:
-    """Set the exported per-K route weights from the held-out folds (``training.held_out_folds``);
-    also write, for each corpus, the weights chosen without it (for a nested test on it)."""
+def write_nested_weights(folds: dict, args) -> None:
+    """For each corpus, the per-K weights chosen on the other folds only (``folds/<corpus>/
+    nested_route_weights.json``), for testing that corpus' fold model (bench/leave_one_corpus_out.py)."""
     from training.held_out_folds import choose_out_of_domain_weights, write_json_atomically
 
-    chosen = choose_out_of_domain_weights(folds, args.route_weight_step)
-    model.config.route_weights_by_k = chosen["weights"]
     for held_out in folds:
         write_json_atomically(Path(args.output_dir) / "folds" / held_out / "nested_route_weights.json",
                               choose_out_of_domain_weights(folds, args.route_weight_step, exclude=held_out))
+
+
+def apply_out_of_domain_weights(model, folds: dict, args) -> dict:
+    """Set the exported per-K route weights from every held-out fold (``training.held_out_folds``)."""
+    from training.held_out_folds import choose_out_of_domain_weights
+
+    chosen = choose_out_of_domain_weights(folds, args.route_weight_step)
+    model.config.route_weights_by_k = chosen["weights"]
     return chosen
 
 
@@ -883,14 +909,19 @@ def finish(args, accelerator, model, processor, data, state, backbones, started,
     if si_fit:
         summary["si_route_fit"] = si_fit
     if folds:
-        summary["out_of_domain"] = apply_out_of_domain_weights(unwrapped, folds, args)
+        summary["out_of_domain"] = apply_out_of_domain_weights(base(unwrapped), folds, args)
+        # The validation speakers scored as the export answers: per-K weights chosen out of domain.
+        exported = validate(model, collator, data, accelerator, 0.0)
+        summary["validation_exported"] = {k: round(v, 4) for k, v in exported.items()}
     if accelerator.is_main_process:
         metrics_csv = Path(args.output_dir) / "metrics.csv"
         if metrics_csv.is_file():
             plot_learning_curve(metrics_csv, Path(args.output_dir) / "learning_curve.png")
         folder = export(unwrapped, processor, args, summary, Path(args.output_dir))
+        shown = summary.get("validation_exported", scores)
         accelerator.print(
-            "Validation UA: " + ", ".join(f"K={k[len('val_ua_k'):]}: {v:.3f}" for k, v in scores.items() if k.startswith("val_ua_k"))
+            "Validation UA: " + ", ".join(f"K={k[len('val_ua_k'):]}: {v:.3f}" for k, v in shown.items() if k.startswith("val_ua_k"))
+            + (" (per-K route weights chosen on held-out corpora)" if "validation_exported" in summary else "")
             + f"  ({summary['minutes']:.1f} min). Exported to {folder}"
         )
         if args.push_to_hub:

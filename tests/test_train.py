@@ -383,3 +383,5 @@ def test_real_speech_config_names_the_three_shared_corpora():
     assert args.corpus.split(",") == ["ravdess", "ased", "emotiontts-ko"]
     assert args.data_dir.split(",") == [f"../shared/data/{c}" for c in ("ravdess", "ased", "emotiontts-ko")]
     assert args.virtual_speakers == 0 and args.content_disjoint
+    # The release recipe chooses its route weights out of domain and fits its SI route up front.
+    assert args.route_weights_from == "held_out_corpora" and args.si_route and args.si_route_fit
