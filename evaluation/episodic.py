@@ -138,7 +138,8 @@ def predict_episodes(
 
     An episode with its own ``labels`` (episodes of several corpora) is scored over those only:
     episodes are batched by label set, and the columns of ``labels`` outside an episode's set
-    are 0 in its row.
+    are 0 in its row. Episodes with ``unlabelled_ids`` (``dataset_builder.attach_unlabelled``)
+    pass those utterances' summaries as the rows' unlabelled speech (needs ``encoded``).
 
     Raises:
         ValueError: an episode's query or enrollment label is not in its label set, or its label
@@ -167,7 +168,8 @@ def predict_episodes(
         batch = collator([episode_example(episodes[i], paths, encoded) for i in indices])
         batch = {name: value.to(device) for name, value in batch.items()}
         columns = [labels.index(label) for label in group]
-        scored = model.classify(**batch, return_routes=return_routes)
+        unlabelled = unlabelled_summaries([episodes[i] for i in indices], encoded, device)
+        scored = model.classify(**batch, return_routes=return_routes, unlabelled_summaries=unlabelled)
         for name, value in (scored.items() if return_routes else [("mixed", scored)]):
             if value is None:
                 routes.setdefault(name, None)
@@ -179,6 +181,25 @@ def predict_episodes(
     if return_routes:
         return routes
     return routes.get("mixed", np.zeros((len(episodes), len(labels)), dtype=np.float32))
+
+
+def unlabelled_summaries(episodes: Sequence[Mapping[str, Any]], encoded: Optional[EncodedUtterances],
+                         device: Union[str, torch.device] = "cpu") -> Optional[list[Optional[torch.Tensor]]]:
+    """Per episode, the ``(U, F)`` summaries of its ``unlabelled_ids`` (None without any); None
+    when no episode has unlabelled speech."""
+    from modeling_icl_ser.readout import IclSerContextReadout
+
+    if not any(episode.get("unlabelled_ids") for episode in episodes):
+        return None
+    if encoded is None:
+        raise ValueError("Unlabelled speech in episodes needs cached encoder features (encoded=...).")
+    rows = []
+    for episode in episodes:
+        ids = episode.get("unlabelled_ids") or []
+        rows.append(torch.stack([IclSerContextReadout.summarize(encoded[i][None].float(),
+                                                                torch.ones(1, len(encoded[i]), dtype=torch.bool))[0]
+                                 for i in ids]).to(device) if ids else None)
+    return rows
 
 
 def with_audio_paths(episodes: "datasets.Dataset", utterances: "datasets.Dataset") -> "datasets.Dataset":

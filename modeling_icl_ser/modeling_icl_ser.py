@@ -328,6 +328,7 @@ class IclSerForConditionalGeneration(IclSerScoringMixin, IclSerSpeakerContextMix
         audio_label_ids: Optional[torch.Tensor] = None,
         enrollment_context: Optional[torch.Tensor] = None,
         query_answers: Optional[list[list[int]]] = None,
+        unlabelled_summaries: Optional[list] = None,
     ) -> EmbeddedPrompt:
         """Prompt embeddings with the audio tokens in place, and what the read-out adds (see
         `EmbeddedPrompt`); its matching loss when `query_answers` (each row's query answer ids,
@@ -355,7 +356,8 @@ class IclSerForConditionalGeneration(IclSerScoringMixin, IclSerSpeakerContextMix
         readout_loss = row_readout = after = speaker_rows = None
         readout_loss_rows = 0
         if self.context_readout is not None or self.speaker_routes is not None:
-            speaker_rows, labelled = self._speaker_rows(placeholders, hidden, hidden_mask, audio_label_ids, enrollment_context)
+            speaker_rows, labelled = self._speaker_rows(placeholders, hidden, hidden_mask, audio_label_ids, enrollment_context,
+                                                        unlabelled_summaries)
         if self.context_readout is not None:
             readout, (readout_loss, readout_loss_rows) = self._read_enrollment(
                 speaker_rows, labelled, audio_label_ids, enrollment_context, query_answers
@@ -435,6 +437,7 @@ class IclSerForConditionalGeneration(IclSerScoringMixin, IclSerSpeakerContextMix
         candidate_attention_mask: Optional[torch.Tensor] = None,
         num_enrolled_queries_in_batch: Optional[int] = None,
         num_queries_in_batch: Optional[int] = None,
+        unlabelled_summaries: Optional[list] = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""Language-model pass with the audio tokens spliced in.
@@ -468,6 +471,10 @@ class IclSerForConditionalGeneration(IclSerScoringMixin, IclSerSpeakerContextMix
                 so the micro-batches' losses add up to the whole batch's.
             num_queries_in_batch: Likewise the batch's rows, over which the SI route's loss
                 averages (`config.si_route`).
+            unlabelled_summaries: Per row, None or a `(U, F)` tensor of raw summaries
+                (`utterance_embeddings`) of other, unlabelled speech of that row's speaker: speaker
+                normalization standardizes by the enrollment plus these; the prototype route and
+                the read-out still use the labelled enrollment only.
 
         Raises:
             ValueError: placeholder count ≠ `num_audio_tokens` × number of audios, or both
@@ -482,7 +489,7 @@ class IclSerForConditionalGeneration(IclSerScoringMixin, IclSerSpeakerContextMix
                 answers = self._query_answers(labels)
             prompt = self._embed_with_audio(
                 input_ids, input_features, feature_attention_mask, audio_hidden_states, audio_hidden_mask,
-                audio_label_ids, enrollment_context, answers,
+                audio_label_ids, enrollment_context, answers, unlabelled_summaries,
             )
         elif input_features is not None or audio_hidden_states is not None:
             raise ValueError("Audio inputs need input_ids (to find the placeholders), not inputs_embeds.")

@@ -34,6 +34,7 @@ class IclSerScoringMixin:
         labels: Optional[torch.Tensor] = None,
         cache: Optional[Cache] = None,
         return_routes: bool = False,
+        unlabelled_summaries: Optional[list] = None,
         **unused,
     ) -> Union[torch.Tensor, dict]:
         """Closed-set probabilities of the candidate labels for each sample.
@@ -61,6 +62,9 @@ class IclSerScoringMixin:
                 `{"lm", "si", "prototype"}` of `(batch, n_labels)` (None for a route the model
                 lacks; NaN rows where a route cannot score), from which `mix_routes` gives the
                 mixture for any `route_weights` (train.py chooses them this way).
+            unlabelled_summaries: Per row, None or `(U, F)` raw summaries (`utterance_embeddings`)
+                of unlabelled speech of the row's speaker, added to its speaker statistics (see
+                `forward`).
 
         Returns:
             `(batch, n_labels)` probabilities (rows sum to 1), in the candidates' order: the LM's,
@@ -94,7 +98,7 @@ class IclSerScoringMixin:
 
         prompt = self._embed_with_audio(
             input_ids, input_features, feature_attention_mask, audio_hidden_states, audio_hidden_mask,
-            audio_label_ids, enrollment_context)
+            audio_label_ids, enrollment_context, unlabelled_summaries=unlabelled_summaries)
         embeds, row_readout, readout_positions = prompt.embeds, prompt.readout, prompt.readout_positions
         candidate_embeds = self.get_input_embeddings()(cand_ids)
         if row_readout is not None:  # as on the answer tokens in training
@@ -142,7 +146,7 @@ class IclSerScoringMixin:
                 continue
             query = row.query_summaries[-1]
             if si is not None:
-                si[b] = self.speaker_routes.logits(query[None], len(row.memory) > 0, cand_embeds[b]).softmax(-1)[0]
+                si[b] = self.speaker_routes.logits(query[None], row.has_statistics, cand_embeds[b]).softmax(-1)[0]
             if len(row.memory):
                 point = prototype_probabilities(query, row.memory_summaries, row.memory_labels, cand_embeds[b],
                                                 float(self.config.prototype_temperature))

@@ -79,14 +79,19 @@ class IclSerSpeakerContextMixin:
         hidden_mask: torch.Tensor,
         audio_label_ids: Optional[torch.Tensor],
         enrollment_context: Optional[torch.Tensor],
+        unlabelled_summaries: Optional[list] = None,
     ) -> tuple[list[SpeakerRow], torch.Tensor]:
         """Each row's `SpeakerRow` (its unlabelled audios and its enrollment: `enrollment_context`'s
-        utterances first, then its labelled audios), and `(n_audio,)` which audios are labelled."""
+        utterances first, then its labelled audios), and `(n_audio,)` which audios are labelled.
+        Speaker statistics come from the enrollment plus the row's `unlabelled_summaries` (if any)."""
         n_audio = hidden.shape[0]  # audio_label_ids' shape was checked by _embed_with_audio
         width = self.get_input_embeddings().weight.shape[-1]
         per_row = (placeholders.sum(-1) // self.config.num_audio_tokens).tolist()
         if enrollment_context is not None and enrollment_context.shape[0] != len(per_row):
             raise ValueError(f"enrollment_context has {enrollment_context.shape[0]} rows for a batch of {len(per_row)}.")
+        if unlabelled_summaries is not None and len(unlabelled_summaries) != len(per_row):
+            raise ValueError(f"unlabelled_summaries has {len(unlabelled_summaries)} entries for a batch of {len(per_row)}; "
+                             "pass one (U, F) tensor or None per row.")
         summaries = IclSerContextReadout.summarize(hidden, hidden_mask)
         if audio_label_ids is None:
             labelled = torch.zeros(n_audio, dtype=torch.bool, device=hidden.device)
@@ -109,11 +114,17 @@ class IclSerSpeakerContextMixin:
                 memory = torch.cat([context[:, :split], memory])
                 memory_labels = torch.cat([context[:, split:], memory_labels])
             query_summaries, memory_summaries = summaries[queries], memory
+            # Unlabelled speech of the row's speaker adds to its statistics only (not to the read-out's memory).
+            extra = None if unlabelled_summaries is None else unlabelled_summaries[row]
+            stats = memory if extra is None or not len(extra) else torch.cat([memory, extra.to(memory.device, memory.dtype)])
+            if extra is not None and len(extra) and extra.shape[-1] != split:
+                raise ValueError(f"unlabelled_summaries[{row}] has width {extra.shape[-1]}, the model's summaries {split}; "
+                                 "compute them with model.utterance_embeddings.")
             if normalize:
-                query_summaries = speaker_standardize(query_summaries, memory, floor)
-                memory_summaries = speaker_standardize(memory, memory, floor)
+                query_summaries = speaker_standardize(query_summaries, stats, floor)
+                memory_summaries = speaker_standardize(memory, stats, floor)
             rows.append(SpeakerRow(queries, enrolled, bool(count) and not bool(labelled[index[-1]]), memory, memory_labels,
-                                   query_summaries, memory_summaries))
+                                   query_summaries, memory_summaries, len(stats) > 0))
         return rows, labelled
 
     def _read_enrollment(
@@ -207,7 +218,7 @@ class IclSerSpeakerContextMixin:
                     terms.append(nn.functional.cross_entropy(logits, target, reduction="none"))
 
             if speaker.last_query and answers is not None:
-                add(speaker.query_summaries[-1:], len(speaker.memory) > 0, [index_of.get(tuple(answers[row]))])
+                add(speaker.query_summaries[-1:], speaker.has_statistics, [index_of.get(tuple(answers[row]))])
             if len(speaker.enrolled) and audio_label_ids is not None:
                 targets = [index_of.get(tuple(i for i in ids if i != -100))
                            for ids in audio_label_ids[speaker.enrolled].tolist()]

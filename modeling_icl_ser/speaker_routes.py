@@ -64,8 +64,11 @@ class SpeakerRow:
         last_query: True when the row's last audio is unlabelled (the query the answer is for).
         memory: `(K, F)` raw summaries of the row's enrollment (a profile's first), K >= 0.
         memory_labels: `(K, W)` their label embeddings.
-        query_summaries: `(Q, F)` summaries of `queries`, speaker-normalized by `memory` when the
-            config asks for it; `memory_summaries` likewise for `memory`.
+        query_summaries: `(Q, F)` summaries of `queries`, speaker-normalized by the speaker's
+            statistics (`memory` plus any unlabelled speech) when the config asks for it;
+            `memory_summaries` likewise for `memory`.
+        has_statistics: The row has speaker statistics (enrollment or unlabelled speech), so the
+            SI route reads its normalized head.
     """
 
     queries: torch.Tensor
@@ -75,6 +78,7 @@ class SpeakerRow:
     memory_labels: torch.Tensor
     query_summaries: torch.Tensor
     memory_summaries: torch.Tensor
+    has_statistics: bool = False
 
 
 class IclSerSpeakerRoutes(nn.Module):

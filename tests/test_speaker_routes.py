@@ -218,3 +218,26 @@ def test_model_card_names_the_chosen_route_weights():
     assert line.startswith("with enrollment: lm 0.1, si 0.5, prototype 0.4; without enrollment: lm 1.0 (")
     assert "speaker normalization" in line and "SI route" in line
     assert train.describe_routes(IclSerConfig()) == "the LM alone"
+
+
+def test_unlabelled_speech_sets_the_speaker_statistics(routed_model, make_audio):
+    model, processor = routed_model
+    query = make_audio(1.0, seed=8)
+    others = [make_audio(0.6 + 0.1 * j, seed=30 + j) for j in range(5)]
+    audio = processor.audio_inputs([query, *others])
+    with torch.no_grad():
+        vectors = model.utterance_embeddings(torch.tensor(audio["input_features"]), torch.tensor(audio["feature_attention_mask"]))
+        batch = processor(query=query, sampling_rate=SR)
+        plain = model.classify(**batch, return_routes=True)
+        with_u = model.classify(**batch, return_routes=True, unlabelled_summaries=[vectors[1:]])
+        cands = processor.candidate_inputs(LABELS)
+        embeds = model._candidate_embeddings(torch.tensor(cands["candidate_input_ids"])[None],
+                                             torch.tensor(cands["candidate_attention_mask"])[None])[0]
+        normalized = speaker_standardize(vectors[:1], vectors[1:], model.config.speaker_variance_floor)
+        expected = model.speaker_routes.logits(normalized, True, embeds).softmax(-1)
+    # K = 0 with unlabelled speech: the normalized SI head on statistics of that speech alone.
+    torch.testing.assert_close(with_u["si"], expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(with_u["si"], plain["si"])
+    assert torch.isnan(with_u["prototype"]).all()  # no labels, no prototypes
+    with pytest.raises(ValueError, match="one \\(U, F\\) tensor or None per row"):
+        model.classify(**batch, unlabelled_summaries=[vectors[1:], None])
