@@ -346,7 +346,7 @@ def encoder_only_model(source, labels: list[str], audio_feature_layer: Optional[
         audio_config=encoder.config,
         text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                 num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id),
-        num_audio_tokens=1, labels=labels, audio_feature_layer=audio_feature_layer,
+        num_audio_tokens=1, labels=labels, audio_feature_layer=audio_feature_layer, context_readout_heads=0,
     )
     processor = IclSerProcessor.from_model_config(feature_extractor, tokenizer, config)
     config.audio_token_id = processor.audio_token_id

@@ -47,7 +47,7 @@ from dataset_builder.synthetic import default_cache_root
 from dataset_builder.virtual_speakers import add_virtual_speakers, real_speaker
 from dataset_builder.cli import parse_arguments as parse_script_arguments, parse_corpus_options
 from modeling_icl_ser import IclSerDataCollator, save_with_pipeline
-from modeling_icl_ser.backbones import DEFAULT_AUDIO_FEATURE_LAYER, DEFAULT_CONTEXT_READOUT_HEADS
+from modeling_icl_ser.configuration_icl_ser import check_options, option_default
 from evaluation.episodic import EncodedUtterances, episode_example, native_bf16_available, predict_episodes
 from evaluation.metrics import unweighted_accuracy
 from evaluation.route_weights import ROUTE_NAMES, choose_route_weights, mixed_predictions
@@ -74,18 +74,18 @@ class TrainingArguments:
     language_model: Optional[str] = field(default=None, metadata={"help": "Hub id / HF folder / .gguf file."})
     offline_encoder: Optional[str] = field(default=None, metadata={"help": "Offline Whisper without --audio_encoder: tiny.en (default) or base (multilingual)."})
     language_model_layers: int = field(default=8, metadata={"help": "Keep the LM's first N pretrained blocks (cheaper, and best in docs/RESULTS.md); 0 = all."})
-    num_audio_tokens: int = field(default=8, metadata={"help": "Speech tokens per utterance."})
-    audio_pooling: str = field(default="mean_std", metadata={"help": "Projector pooling: mean or mean_std."})
-    audio_feature_layer: int = field(default=DEFAULT_AUDIO_FEATURE_LAYER, metadata={"help": "Encoder block the projector reads (1 = the first; 0 = the last). Early blocks keep speaker-specific cues (docs/RESULTS.md)."})
+    num_audio_tokens: int = field(default=option_default("num_audio_tokens"), metadata={"help": "Speech tokens per utterance."})
+    audio_pooling: str = field(default=option_default("audio_pooling"), metadata={"help": "Projector pooling: mean or mean_std."})
+    audio_feature_layer: int = field(default=option_default("audio_feature_layer") or 0, metadata={"help": "Encoder block the projector reads (1 = the first; 0 = the last). Early blocks keep speaker-specific cues (docs/RESULTS.md)."})
     enrollment_template: Optional[str] = field(default=None, metadata={"help": "Enrollment line with {audio} and {answer} (default: the config's)."})
     query_template: Optional[str] = field(default=None, metadata={"help": "Query line with {audio} (default: the config's)."})
-    audio_token_dropout: float = field(default=0.0, metadata={"help": "Dropout on the pooled audio features while training."})
-    context_readout_heads: int = field(default=DEFAULT_CONTEXT_READOUT_HEADS, metadata={"help": "Heads of the enrollment read-out (query vs enrollment utterances → their label words on the query's tokens and the LM's output; docs/RESULTS.md); 0 = none."})
-    context_readout_dim: int = field(default=64, metadata={"help": "Width of each read-out head's metric space (smaller = fewer parameters to fit the training speakers)."})
-    context_readout_dropout: float = field(default=0.5, metadata={"help": "Share of training queries without their read-out (the LM keeps learning to label speech itself; docs/RESULTS.md)."})
-    speaker_normalization: bool = field(default=False, metadata={"help": "Standardize utterance summaries by the speaker's enrollment (label-free speaker normalization) before the read-out and the routes (IclSerConfig.speaker_normalization)."})
-    si_route: bool = field(default=False, metadata={"help": "Add the speaker-independent route (summary → label-word embeddings), trained beside the LM loss (IclSerConfig.si_route)."})
-    si_route_loss_coef: float = field(default=1.0, metadata={"help": "Weight of the SI route's cross-entropy (only with --si_route_fit false)."})
+    audio_token_dropout: float = field(default=option_default("audio_token_dropout"), metadata={"help": "Dropout on the pooled audio features while training."})
+    context_readout_heads: int = field(default=option_default("context_readout_heads"), metadata={"help": "Heads of the enrollment read-out (query vs enrollment utterances → their label words on the query's tokens and the LM's output; docs/RESULTS.md); 0 = none."})
+    context_readout_dim: int = field(default=option_default("context_readout_dim"), metadata={"help": "Width of each read-out head's metric space (smaller = fewer parameters to fit the training speakers)."})
+    context_readout_dropout: float = field(default=option_default("context_readout_dropout"), metadata={"help": "Share of training queries without their read-out (the LM keeps learning to label speech itself; docs/RESULTS.md)."})
+    speaker_normalization: bool = field(default=option_default("speaker_normalization"), metadata={"help": "Standardize utterance summaries by the speaker's enrollment (label-free speaker normalization) before the read-out and the routes (IclSerConfig.speaker_normalization)."})
+    si_route: bool = field(default=option_default("si_route"), metadata={"help": "Add the speaker-independent route (summary → label-word embeddings), trained beside the LM loss (IclSerConfig.si_route)."})
+    si_route_loss_coef: float = field(default=option_default("si_route_loss_coef"), metadata={"help": "Weight of the SI route's cross-entropy (only with --si_route_fit false)."})
     si_route_fit: bool = field(default=True, metadata={"help": "Fit the SI route before meta-training as the SI baseline is fitted (every training utterance's cached summary, early stopping on validation speakers; training.si_route) and keep it fixed; false = train it beside the LM loss. Needs --encoder_mode frozen."})
     route_weights_from: str = field(default="validation", metadata={"help": "Where the route weights are chosen: validation (the training corpora's validation speakers) or held_out_corpora (per K, out of domain: one fold model per training corpus trained on the others and scored on it; training.held_out_folds)."})
     fold_steps: int = field(default=150, metadata={"help": "With --route_weights_from held_out_corpora: meta-training steps of each fold model."})
@@ -155,12 +155,7 @@ class TrainingArguments:
             raise ValueError(f"--lora_r must be >= 1, got {self.lora_r} (use --lm_lora false to freeze the LM).")
         if not 0.0 <= self.permuted_label_share <= 1.0:
             raise ValueError(f"--permuted_label_share must be between 0 and 1, got {self.permuted_label_share}.")
-        if self.audio_feature_layer < 0:
-            raise ValueError(f"--audio_feature_layer must be >= 0 (1 = the encoder's first block, 0 = its last), got {self.audio_feature_layer}.")
-        if not 0.0 <= self.audio_token_dropout < 1.0:
-            raise ValueError(f"--audio_token_dropout must be in [0, 1), got {self.audio_token_dropout}.")
-        if not 0.0 <= self.context_readout_dropout < 1.0:
-            raise ValueError(f"--context_readout_dropout must be in [0, 1), got {self.context_readout_dropout}.")
+        check_options(**model_options(self))  # the model's own checks, before any heavy work
         if self.readout_stage_steps is None:
             self.readout_stage_steps = self.max_steps // 3 if self.context_readout_heads > 0 else 0
         if not 0 <= self.readout_stage_steps < self.max_steps:
@@ -168,10 +163,6 @@ class TrainingArguments:
                              f"{self.readout_stage_steps} with --max_steps {self.max_steps}.")
         if self.readout_stage_steps and not self.context_readout_heads:
             raise ValueError("--readout_stage_steps trains the enrollment read-out; it needs --context_readout_heads > 0.")
-        if self.context_readout_heads < 0:
-            raise ValueError(f"--context_readout_heads must be >= 0 (0 = no enrollment read-out), got {self.context_readout_heads}.")
-        if self.context_readout_dim < 1:
-            raise ValueError(f"--context_readout_dim must be >= 1, got {self.context_readout_dim}.")
         if self.virtual_speakers < 0:
             raise ValueError(f"--virtual_speakers must be >= 0, got {self.virtual_speakers}.")
         if self.language_model_layers < 0:
@@ -211,6 +202,20 @@ def parse_arguments(argv: Optional[list[str]] = None) -> TrainingArguments:
 
 
 # --------------------------------------------------------------------------------- model
+def model_options(args: TrainingArguments) -> dict[str, Any]:
+    """The `IclSerConfig` options the flags set, as every built model gets them (`--audio_feature_layer 0`
+    = the last block = the config's None; unset templates keep the config's)."""
+    options = {"num_audio_tokens": args.num_audio_tokens, "audio_pooling": args.audio_pooling,
+               "audio_feature_layer": args.audio_feature_layer or None, "audio_token_dropout": args.audio_token_dropout,
+               "context_readout_heads": args.context_readout_heads, "context_readout_dim": args.context_readout_dim,
+               "context_readout_dropout": args.context_readout_dropout,
+               "speaker_normalization": args.speaker_normalization, "si_route": args.si_route,
+               "si_route_loss_coef": args.si_route_loss_coef}
+    options.update({name: getattr(args, name) for name in ("enrollment_template", "query_template")
+                    if getattr(args, name) is not None})
+    return options
+
+
 def build_model(args: TrainingArguments, labels: list[str]):
     """The (model, processor) to meta-train: tiny, given backbones, or the offline default."""
     from modeling_icl_ser.backbones import (
@@ -218,18 +223,10 @@ def build_model(args: TrainingArguments, labels: list[str]):
     )
     from modeling_icl_ser.testing import tiny_icl_ser
 
-    audio_settings = {"audio_pooling": args.audio_pooling, "audio_feature_layer": args.audio_feature_layer or None,
-                      "audio_token_dropout": args.audio_token_dropout, "context_readout_heads": args.context_readout_heads,
-                      "context_readout_dim": args.context_readout_dim, "context_readout_dropout": args.context_readout_dropout,
-                      "speaker_normalization": args.speaker_normalization, "si_route": args.si_route,
-                      "si_route_loss_coef": args.si_route_loss_coef}
-    audio_settings.update({name: getattr(args, name) for name in ("enrollment_template", "query_template")
-                           if getattr(args, name) is not None})
-    settings = {"num_audio_tokens": args.num_audio_tokens, "language_model_layers": args.language_model_layers or None,
-                **audio_settings}
+    options = model_options(args)
+    settings = {"language_model_layers": args.language_model_layers or None, **options}
     if args.tiny:
-        model, processor = tiny_icl_ser(labels=labels, seed=args.seed, num_audio_tokens=args.num_audio_tokens,
-                                        **audio_settings)
+        model, processor = tiny_icl_ser(labels=labels, seed=args.seed, **options)
         return model, processor, "tiny random model (modeling_icl_ser.testing.tiny_icl_ser)"
     if args.audio_encoder or args.language_model:
         if not (args.audio_encoder and args.language_model):

@@ -63,7 +63,9 @@ def encoder_model(name: str):
     load = time.perf_counter() - start
     tiny_lm = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                           num_attention_heads=2, num_key_value_heads=1)
-    model = IclSerForConditionalGeneration(IclSerConfig(audio_config=encoder.config, text_config=tiny_lm)).eval()
+    # The whole encoder, no read-out: the setup this benchmark measures.
+    config = IclSerConfig(audio_config=encoder.config, text_config=tiny_lm, audio_feature_layer=None, context_readout_heads=0)
+    model = IclSerForConditionalGeneration(config).eval()
     model.audio_tower.load_state_dict(encoder.state_dict())
     return model, feature_extractor, load
 

@@ -36,7 +36,7 @@ def model_encoder(name: str) -> tuple[EncodeFn, str]:
     if name == "offline":
         from modeling_icl_ser.backbones import offline_default
 
-        model, processor = offline_default()
+        model, processor = offline_default(audio_feature_layer=None, context_readout_heads=0)  # the whole encoder
     else:
         from modeling_icl_ser.testing import tiny_icl_ser
 

@@ -110,7 +110,7 @@ def main() -> None:
     from modeling_icl_ser.testing import tiny_icl_ser
 
     # With the enrollment read-out train.py gives every model (its cost is part of a query's).
-    readout = {"context_readout_heads": DEFAULT_CONTEXT_READOUT_HEADS}
+    readout = {"context_readout_heads": DEFAULT_CONTEXT_READOUT_HEADS, "audio_feature_layer": None}  # as measured so far
     if args.routed:  # what configs/real-speech.yaml exports: every route scored and mixed
         readout.update(speaker_normalization=True, si_route=True, route_weights={"lm": 0.4, "si": 0.3, "prototype": 0.3},
                        route_weights_without_enrollment={"lm": 0.5, "si": 0.5})

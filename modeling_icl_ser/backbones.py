@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
+from .configuration_icl_ser import option_default
 from .ctranslate2_whisper import (
     CTranslate2Checkpoint,
     CTranslate2Source,
@@ -299,12 +300,10 @@ OFFLINE_ENCODERS: dict[str, _OfflineEncoder] = {
     ),
 }
 DEFAULT_OFFLINE_ENCODER = "tiny.en"
-# The encoder block train.py and eval.py read by default (0 = the last block). Block 2 of
-# Whisper tiny.en's 4: best RAVDESS validation UA of the speech LM, and where enrollment helps
-# the conventional methods and cross-corpus transfer is best (docs/RESULTS.md).
-DEFAULT_AUDIO_FEATURE_LAYER = 2
-# Heads of the enrollment read-out train.py gives a model (IclSerContextReadout; docs/RESULTS.md).
-DEFAULT_CONTEXT_READOUT_HEADS = 4
+# The encoder block (0 = the last, as train.py's and eval.py's flags write it) and the read-out
+# heads a model gets by default: IclSerConfig's defaults, the one home of both.
+DEFAULT_AUDIO_FEATURE_LAYER = option_default("audio_feature_layer") or 0
+DEFAULT_CONTEXT_READOUT_HEADS = option_default("context_readout_heads")
 
 
 def check_offline_encoder(name: str) -> None:

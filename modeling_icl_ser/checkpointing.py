@@ -25,6 +25,7 @@ MODEL_FINGERPRINT_VERSION = "icl_ser-model-v1"
 # Config keys that do not change what the model computes.
 _FINGERPRINT_IGNORED_KEYS = (
     "transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype", "auto_map", "custom_pipelines",
+    "config_layout_version",
 )
 
 

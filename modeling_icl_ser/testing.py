@@ -61,6 +61,10 @@ def _tiny_audio_config(audio_model_type: str):
     )
 
 
+# The options whose `IclSerConfig` default adds a part or cuts the encoder, off for the tiny model.
+BARE_OPTIONS = {"context_readout_heads": 0, "context_readout_dropout": 0.0, "audio_feature_layer": None}
+
+
 def tiny_icl_ser(
     labels: Optional[list[str]] = None, seed: int = 0, audio_model_type: str = "whisper", num_audio_tokens: int = 4,
     **config_kwargs,
@@ -73,7 +77,10 @@ def tiny_icl_ser(
         audio_model_type: `"whisper"` or a wav2vec2-family type (`"wav2vec2"`, `"hubert"`, `"wavlm"`).
         num_audio_tokens: Tokens per utterance.
         **config_kwargs: Other `IclSerConfig` fields (`audio_pooling`, `audio_feature_layer`, ...).
+            Unless given, the model is the bare architecture (`BARE_OPTIONS`: no read-out, the
+            encoder's last block), so a test switches on only what it tests.
     """
+    config_kwargs = {**BARE_OPTIONS, **config_kwargs}
     labels = list(labels) if labels is not None else list(DEFAULT_LABELS)
     tokenizer = tiny_tokenizer(labels)
     text_vocab = len(tokenizer)  # before the audio token is added: it stays outside the LM vocabulary

@@ -385,3 +385,34 @@ def test_real_speech_config_names_the_three_shared_corpora():
     assert args.virtual_speakers == 0 and args.content_disjoint
     # The release recipe chooses its route weights out of domain and fits its SI route up front.
     assert args.route_weights_from == "held_out_corpora" and args.si_route and args.si_route_fit
+
+
+def test_train_defaults_are_the_model_config_defaults():
+    """Each model default has one home (IclSerConfig): the model train.py builds with no flags has
+    the options a bare `IclSerConfig` has, and the same parts."""
+    sys.path.insert(0, str(REPO))
+    import train
+    from modeling_icl_ser import IclSerConfig, IclSerForConditionalGeneration
+    from modeling_icl_ser.testing import tiny_icl_ser
+
+    args = train.parse_arguments([])  # no flags: the main command's settings
+    backbones = tiny_icl_ser()[0].config
+    small = {"audio_config": backbones.audio_config, "text_config": backbones.text_config}
+    from_train = IclSerConfig(**small, **train.model_options(args))
+    from_config = IclSerConfig(**small)
+    assert from_train.to_dict() == from_config.to_dict()
+    assert (from_config.context_readout_heads, from_config.context_readout_dropout, from_config.audio_feature_layer) \
+        == (4, 0.5, 2)  # what train.py has always used
+    shapes = [{name: tuple(p.shape) for name, p in IclSerForConditionalGeneration(config).state_dict().items()}
+              for config in (from_train, from_config)]
+    assert shapes[0] == shapes[1] and any(name.startswith("context_readout.") for name in shapes[0])
+
+
+def test_train_runs_the_config_checks_on_its_flags():
+    sys.path.insert(0, str(REPO))
+    import train
+
+    with pytest.raises(ValueError, match="audio_pooling"):
+        train.parse_arguments(["--audio_pooling", "max"])
+    with pytest.raises(ValueError, match="context_readout_dropout"):
+        train.parse_arguments(["--context_readout_dropout", "1.0"])
