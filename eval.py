@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -72,30 +71,51 @@ class EvalArguments:
 
     # what to evaluate
     model: Optional[str] = field(default=None, metadata={"help": "Folder of the meta-trained icl-ser model (method icl)."})
-    baseline_model: Optional[str] = field(default=None, metadata={"help": "Folder of a model trained with --k_min 0 --k_max 0 (method slm_no_icl)."})
-    methods: list[str] = field(default_factory=lambda: ["all"], metadata={"help": f"Any of {', '.join(METHODS)}, 'baselines' or 'all'."})
-    audio_encoder: Optional[str] = field(default=None, metadata={"help": "Encoder for the baselines without --model (default: offline Whisper tiny.en)."})
-    offline_encoder: Optional[str] = field(default=None, metadata={"help": "Offline Whisper for the baselines without --model/--audio_encoder: tiny.en (default) or base."})
+    baseline_model: Optional[str] = field(default=None, metadata={"help":
+            "Folder of a model trained with --k_min 0 --k_max 0 (method slm_no_icl)."})
+    methods: list[str] = field(default_factory=lambda: ["all"],
+                               metadata={"help": f"Any of {', '.join(METHODS)}, 'baselines' or 'all'."})
+    audio_encoder: Optional[str] = field(default=None, metadata={"help":
+            "Encoder for the baselines without --model (default: offline Whisper tiny.en)."})
+    offline_encoder: Optional[str] = field(default=None, metadata={"help":
+            "Offline Whisper for the baselines without --model/--audio_encoder: tiny.en (default) or base."})
     tiny: bool = field(default=False, metadata={"help": "Baselines on the tiny random model's encoder (tests)."})
-    audio_feature_layer: Optional[int] = field(default=None, metadata={"help": "Encoder block the baselines read without --model (1 = the first, 0 = the last; default: train.py's default, 2). With --model, the model's own block is used."})
+    audio_feature_layer: Optional[int] = field(default=None, metadata={"help":
+            "Encoder block the baselines read without --model (1 = the first, 0 = the last; default: train.py's default, 2). "
+            "With --model, the model's own block is used."})
     # data
-    corpus: str = field(default="synthetic", metadata={"help": "ravdess, cremad, emodb, iemocap, esd, ased, emotiontts-ko, manifest or synthetic; several comma-separated."})
-    data_dir: Optional[str] = field(default=None, metadata={"help": "Corpus folder (or manifest), one per corpus, comma-separated; not needed for synthetic."})
+    corpus: str = field(default="synthetic", metadata={"help":
+            "ravdess, cremad, emodb, iemocap, esd, ased, emotiontts-ko, manifest or synthetic; several comma-separated."})
+    data_dir: Optional[str] = field(default=None, metadata={"help":
+            "Corpus folder (or manifest), one per corpus, comma-separated; not needed for synthetic."})
     corpus_options: Optional[str] = field(default=None, metadata={"help": "Synthetic generator options as JSON."})
-    labels: Optional[list[str]] = field(default=None, metadata={"help": "Label set (default: the corpus' emotions; one corpus only)."})
-    validation_speakers: Optional[list[str]] = field(default=None, metadata={"help": "Explicit validation speakers (as in train.py)."})
-    test_speakers: Optional[list[str]] = field(default=None, metadata={"help": "Explicit test speakers (as in train.py), or 'all': every speaker (cross-corpus)."})
-    baseline_corpus: Optional[str] = field(default=None, metadata={"help": "Fit the baselines on these corpora's training speakers instead (comma-separated)."})
-    baseline_data_dir: Optional[str] = field(default=None, metadata={"help": "Folders of --baseline_corpus, comma-separated in the same order."})
+    labels: Optional[list[str]] = field(default=None, metadata={"help":
+            "Label set (default: the corpus' emotions; one corpus only)."})
+    validation_speakers: Optional[list[str]] = field(default=None, metadata={"help":
+            "Explicit validation speakers (as in train.py)."})
+    test_speakers: Optional[list[str]] = field(default=None, metadata={"help":
+            "Explicit test speakers (as in train.py), or 'all': every speaker (cross-corpus)."})
+    baseline_corpus: Optional[str] = field(default=None, metadata={"help":
+            "Fit the baselines on these corpora's training speakers instead (comma-separated)."})
+    baseline_data_dir: Optional[str] = field(default=None, metadata={"help":
+            "Folders of --baseline_corpus, comma-separated in the same order."})
     seed: int = field(default=0, metadata={"help": "Seed of the speaker split and the episodes (train.py's --seed)."})
     eval_split: str = field(default="test", metadata={"help": "test (report once) or validation (choose settings on it)."})
     # sweep
     k: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8], metadata={"help": "Enrollment sizes K."})
-    mode: list[str] = field(default_factory=lambda: ["arbitrary"], metadata={"help": "arbitrary, balanced and/or exclude_query_class."})
-    content_disjoint: bool = field(default=False, metadata={"help": "No enrollment utterance has the query's sentence (text); needs corpora with texts (not iemocap/synthetic)."})
-    episodes_per_speaker: Optional[int] = field(default=None, metadata={"help": "Episodes per test speaker (default: every utterance is a query once)."})
-    same_queries: bool = field(default=True, metadata={"help": "Every K of the sweep gets the same queries (those eligible at the largest K), so each K is compared with the smallest query by query (the paired CIs); false = each K's own eligible queries."})
-    unlabelled: int = field(default=0, metadata={"help": "U other utterances of the test speaker given without labels (never the query nor the enrollment; never the query's sentence with --content_disjoint): speaker statistics come from enrollment + unlabelled speech (icl, si_norm, enroll_prototypes). 0 = none."})
+    mode: list[str] = field(default_factory=lambda: ["arbitrary"], metadata={"help":
+            "arbitrary, balanced and/or exclude_query_class."})
+    content_disjoint: bool = field(default=False, metadata={"help":
+            "No enrollment utterance has the query's sentence (text); needs corpora with texts (not iemocap/synthetic)."})
+    episodes_per_speaker: Optional[int] = field(default=None, metadata={"help":
+            "Episodes per test speaker (default: every utterance is a query once)."})
+    same_queries: bool = field(default=True, metadata={"help":
+            "Every K of the sweep gets the same queries (those eligible at the largest K), so each K is compared with the "
+            "smallest query by query (the paired CIs); false = each K's own eligible queries."})
+    unlabelled: int = field(default=0, metadata={"help":
+            "U other utterances of the test speaker given without labels (never the query nor the enrollment; never the query's"
+            " sentence with --content_disjoint): speaker statistics come from enrollment + unlabelled speech (icl, si_norm, "
+            "enroll_prototypes). 0 = none."})
     # running
     batch_size: int = field(default=8, metadata={"help": "Episodes per classify call (LM methods)."})
     baseline_train_steps: int = field(default=1500, metadata={"help": "Minibatch steps of the baselines' head training."})
@@ -104,7 +124,9 @@ class EvalArguments:
     device: Optional[str] = field(default=None, metadata={"help": "cpu / cuda (default: cuda if available)."})
     output_dir: str = field(default="outputs/eval")
     update_model_card: bool = field(default=False, metadata={"help": "Also write the filled card into the --model folder."})
-    route_weights: Optional[str] = field(default=None, metadata={"help": "A JSON file whose 'weights' map K to route weights (train.py's folds/<corpus>/nested_route_weights.json: chosen without this corpus), used instead of the model's own; for a nested out-of-domain test."})
+    route_weights: Optional[str] = field(default=None, metadata={"help":
+            "A JSON file whose 'weights' map K to route weights (train.py's folds/<corpus>/nested_route_weights.json: chosen "
+            "without this corpus), used instead of the model's own; for a nested out-of-domain test."})
 
     def validate(self) -> None:
         """Raise ValueError for settings that cannot work, before any heavy work."""
@@ -145,7 +167,8 @@ class EvalArguments:
             raise ValueError("--audio_feature_layer is for baselines without --model; with --model the baselines read "
                              "the model's own encoder block (its config's audio_feature_layer). Drop one of them.")
         if self.audio_feature_layer is not None and self.audio_feature_layer < 0:
-            raise ValueError(f"--audio_feature_layer must be >= 0 (1 = the encoder's first block, 0 = its last), got {self.audio_feature_layer}.")
+            raise ValueError("--audio_feature_layer must be >= 0 (1 = the encoder's first block, 0 = its last), "
+                             f"got {self.audio_feature_layer}.")
         if self.offline_encoder is not None:
             from modeling_icl_ser.backbones import check_offline_encoder
 
@@ -654,7 +677,8 @@ def results_markdown(report: dict) -> str:
     for mode in modes:
         lines += [
             f"**{report['corpus']}**, `{mode}`{disjoint} enrollment: UA % (± half-width of the bootstrap 95% CI over "
-            f"episodes); {len(report['splits'][report['eval_split']])} {report['eval_split']} speakers, labels: {', '.join(report['labels'])}.",
+            f"episodes); {len(report['splits'][report['eval_split']])} {report['eval_split']} speakers, "
+            f"labels: {', '.join(report['labels'])}.",
             "",
             "| method | " + " | ".join(f"K={k}" for k in ks) + " |",
             "|---|" + "---:|" * len(ks),
@@ -707,7 +731,8 @@ def plot_results(report: dict, output_dir: Path) -> list[str]:
                 continue
             ks = [r["k"] for r in rows]
             line, = axis.plot(ks, [r["ua"] for r in rows], marker="o", label=METHOD_TITLES.get(method, method))
-            axis.fill_between(ks, [r["ua_ci"][0] for r in rows], [r["ua_ci"][1] for r in rows], color=line.get_color(), alpha=0.15)
+            axis.fill_between(ks, [r["ua_ci"][0] for r in rows], [r["ua_ci"][1] for r in rows],
+                              color=line.get_color(), alpha=0.15)
         axis.axhline(1 / len(report["labels"]), color="grey", linestyle=":", linewidth=1, label="chance")
         axis.set(xlabel="K (enrollment utterances)", ylabel="UA", title=f"{report['corpus']}, {mode} enrollment")
         axis.legend(fontsize=7)

@@ -62,37 +62,73 @@ class TrainingArguments:
     """Meta-training settings (every field is a command-line flag)."""
 
     # data
-    corpus: str = field(default="synthetic", metadata={"help": "ravdess, cremad, emodb, iemocap, esd, ased, emotiontts-ko, manifest or synthetic; several comma-separated (ravdess,ased)."})
-    data_dir: Optional[str] = field(default=None, metadata={"help": "Corpus folder (or manifest), one per corpus, comma-separated; not needed for synthetic."})
-    corpus_options: Optional[str] = field(default=None, metadata={"help": 'Synthetic generator options as JSON, e.g. \'{"n_speakers": 8}\'.'})
-    validation_speakers: Optional[list[str]] = field(default=None, metadata={"help": "Explicit validation speakers (corpus/speaker with several corpora)."})
+    corpus: str = field(default="synthetic", metadata={"help":
+            "ravdess, cremad, emodb, iemocap, esd, ased, emotiontts-ko, manifest or synthetic; several comma-separated "
+            "(ravdess,ased)."})
+    data_dir: Optional[str] = field(default=None, metadata={"help":
+            "Corpus folder (or manifest), one per corpus, comma-separated; not needed for synthetic."})
+    corpus_options: Optional[str] = field(default=None, metadata={
+        "help": 'Synthetic generator options as JSON, e.g. \'{"n_speakers": 8}\'.'})
+    validation_speakers: Optional[list[str]] = field(default=None, metadata={"help":
+            "Explicit validation speakers (corpus/speaker with several corpora)."})
     test_speakers: Optional[list[str]] = field(default=None, metadata={"help": "Explicit test speakers (never used here)."})
-    labels: Optional[list[str]] = field(default=None, metadata={"help": "Label vocabulary (default: the corpus' emotions; one corpus only)."})
+    labels: Optional[list[str]] = field(default=None, metadata={"help":
+            "Label vocabulary (default: the corpus' emotions; one corpus only)."})
     # model
     tiny: bool = field(default=False, metadata={"help": "Use the tiny random model (tests, smoke runs)."})
     audio_encoder: Optional[str] = field(default=None, metadata={"help": "Hub id / HF folder / CTranslate2 Whisper folder."})
     language_model: Optional[str] = field(default=None, metadata={"help": "Hub id / HF folder / .gguf file."})
-    offline_encoder: Optional[str] = field(default=None, metadata={"help": "Offline Whisper without --audio_encoder: tiny.en (default) or base (multilingual)."})
-    language_model_layers: int = field(default=8, metadata={"help": "Keep the LM's first N pretrained blocks (cheaper, and best in docs/RESULTS.md); 0 = all."})
+    offline_encoder: Optional[str] = field(default=None, metadata={"help":
+            "Offline Whisper without --audio_encoder: tiny.en (default) or base (multilingual)."})
+    language_model_layers: int = field(default=8, metadata={"help":
+            "Keep the LM's first N pretrained blocks (cheaper, and best in docs/RESULTS.md); 0 = all."})
     num_audio_tokens: int = field(default=option_default("num_audio_tokens"), metadata={"help": "Speech tokens per utterance."})
     audio_pooling: str = field(default=option_default("audio_pooling"), metadata={"help": "Projector pooling: mean or mean_std."})
-    audio_feature_layer: int = field(default=option_default("audio_feature_layer") or 0, metadata={"help": "Encoder block the projector reads (1 = the first; 0 = the last). Early blocks keep speaker-specific cues (docs/RESULTS.md)."})
-    enrollment_template: Optional[str] = field(default=None, metadata={"help": "Enrollment line with {audio} and {answer} (default: the config's)."})
+    audio_feature_layer: int = field(default=option_default("audio_feature_layer") or 0, metadata={"help":
+            "Encoder block the projector reads (1 = the first; 0 = the last). Early blocks keep speaker-specific cues "
+            "(docs/RESULTS.md)."})
+    enrollment_template: Optional[str] = field(default=None, metadata={"help":
+            "Enrollment line with {audio} and {answer} (default: the config's)."})
     query_template: Optional[str] = field(default=None, metadata={"help": "Query line with {audio} (default: the config's)."})
-    audio_token_dropout: float = field(default=option_default("audio_token_dropout"), metadata={"help": "Dropout on the pooled audio features while training."})
-    context_readout_heads: int = field(default=option_default("context_readout_heads"), metadata={"help": "Heads of the enrollment read-out (query vs enrollment utterances → their label words on the query's tokens and the LM's output; docs/RESULTS.md); 0 = none."})
-    context_readout_dim: int = field(default=option_default("context_readout_dim"), metadata={"help": "Width of each read-out head's metric space (smaller = fewer parameters to fit the training speakers)."})
-    context_readout_dropout: float = field(default=option_default("context_readout_dropout"), metadata={"help": "Share of training queries without their read-out (the LM keeps learning to label speech itself; docs/RESULTS.md)."})
-    speaker_normalization: bool = field(default=option_default("speaker_normalization"), metadata={"help": "Standardize utterance summaries by the speaker's enrollment (label-free speaker normalization) before the read-out and the routes (IclSerConfig.speaker_normalization)."})
-    si_route: bool = field(default=option_default("si_route"), metadata={"help": "Add the speaker-independent route (summary → label-word embeddings), trained beside the LM loss (IclSerConfig.si_route)."})
-    si_route_loss_coef: float = field(default=option_default("si_route_loss_coef"), metadata={"help": "Weight of the SI route's cross-entropy (only with --si_route_fit false)."})
-    si_route_fit: bool = field(default=True, metadata={"help": "Fit the SI route before meta-training as the SI baseline is fitted (every training utterance's cached summary, early stopping on validation speakers; training.si_route) and keep it fixed; false = train it beside the LM loss. Needs --encoder_mode frozen."})
-    route_weights_from: str = field(default="validation", metadata={"help": "Where the route weights are chosen: validation (the training corpora's validation speakers) or held_out_corpora (per K, out of domain: one fold model per training corpus trained on the others and scored on it; training.held_out_folds)."})
-    fold_steps: int = field(default=150, metadata={"help": "With --route_weights_from held_out_corpora: meta-training steps of each fold model."})
-    fold_eval_k: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8], metadata={"help": "The K's the fold models are scored at (the weights' K grid)."})
-    fold_episodes_per_speaker: int = field(default=10, metadata={"help": "Held-out episodes per speaker and K for the fold scores."})
-    route_weight_step: float = field(default=0.1, metadata={"help": "At each validation, choose how classify mixes the LM, SI and prototype routes on a grid of this step (best mean validation UA over --eval_k; exported in the config); 0 = the LM alone. Needs a read-out or --si_route."})
-    readout_stage_steps: Optional[int] = field(default=None, metadata={"help": "Two-stage schedule: the last N of --max_steps train only the enrollment read-out (LM, adapters and projector fixed, the learning-rate schedule restarted); before them the LM trains without the read-out's vector, so its K = 0 skill is undisturbed. The best checkpoint is chosen among stage-2 validations. Default: a third of --max_steps with a read-out; 0 = one stage (docs/RESULTS.md)."})
+    audio_token_dropout: float = field(default=option_default("audio_token_dropout"), metadata={"help":
+            "Dropout on the pooled audio features while training."})
+    context_readout_heads: int = field(default=option_default("context_readout_heads"), metadata={"help":
+            "Heads of the enrollment read-out (query vs enrollment utterances → their label words on the query's tokens and the"
+            " LM's output; docs/RESULTS.md); 0 = none."})
+    context_readout_dim: int = field(default=option_default("context_readout_dim"), metadata={"help":
+            "Width of each read-out head's metric space (smaller = fewer parameters to fit the training speakers)."})
+    context_readout_dropout: float = field(default=option_default("context_readout_dropout"), metadata={"help":
+            "Share of training queries without their read-out (the LM keeps learning to label speech itself; docs/RESULTS.md)."})
+    speaker_normalization: bool = field(default=option_default("speaker_normalization"), metadata={"help":
+            "Standardize utterance summaries by the speaker's enrollment (label-free speaker normalization) before the read-out"
+            " and the routes (IclSerConfig.speaker_normalization)."})
+    si_route: bool = field(default=option_default("si_route"), metadata={"help":
+            "Add the speaker-independent route (summary → label-word embeddings), trained beside the LM loss "
+            "(IclSerConfig.si_route)."})
+    si_route_loss_coef: float = field(default=option_default("si_route_loss_coef"), metadata={"help":
+            "Weight of the SI route's cross-entropy (only with --si_route_fit false)."})
+    si_route_fit: bool = field(default=True, metadata={"help":
+            "Fit the SI route before meta-training as the SI baseline is fitted (every training utterance's cached summary, "
+            "early stopping on validation speakers; training.si_route) and keep it fixed; false = train it beside the LM loss. "
+            "Needs --encoder_mode frozen."})
+    route_weights_from: str = field(default="validation", metadata={"help":
+            "Where the route weights are chosen: validation (the training corpora's validation speakers) or held_out_corpora "
+            "(per K, out of domain: one fold model per training corpus trained on the others and scored on it; "
+            "training.held_out_folds)."})
+    fold_steps: int = field(default=150, metadata={"help":
+            "With --route_weights_from held_out_corpora: meta-training steps of each fold model."})
+    fold_eval_k: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8], metadata={"help":
+            "The K's the fold models are scored at (the weights' K grid)."})
+    fold_episodes_per_speaker: int = field(default=10, metadata={"help":
+            "Held-out episodes per speaker and K for the fold scores."})
+    route_weight_step: float = field(default=0.1, metadata={"help":
+            "At each validation, choose how classify mixes the LM, SI and prototype routes on a grid of this step (best mean "
+            "validation UA over --eval_k; exported in the config); 0 = the LM alone. Needs a read-out or --si_route."})
+    readout_stage_steps: Optional[int] = field(default=None, metadata={"help":
+            "Two-stage schedule: the last N of --max_steps train only the enrollment read-out (LM, adapters and projector "
+            "fixed, the learning-rate schedule restarted); before them the LM trains without the read-out's vector, so its K = "
+            "0 skill is undisturbed. The best checkpoint is chosen among stage-2 validations. Default: a third of --max_steps "
+            "with a read-out; 0 = one stage (docs/RESULTS.md)."})
     # what is trained
     encoder_mode: str = field(default="frozen", metadata={"help": "frozen (cached features), lora or full."})
     encoder_lora_layers: int = field(default=2, metadata={"help": "With encoder_mode=lora: adapt the top N encoder layers."})
@@ -105,14 +141,23 @@ class TrainingArguments:
     k_min: int = field(default=0, metadata={"help": "Smallest K drawn for a training episode."})
     k_max: int = field(default=8, metadata={"help": "Largest K drawn for a training episode."})
     enrollment_mode: str = field(default="arbitrary", metadata={"help": "arbitrary, balanced or exclude_query_class."})
-    content_disjoint: bool = field(default=False, metadata={"help": "No enrollment utterance has the query's sentence (text), in training and validation episodes; needs corpora with texts (not iemocap/synthetic)."})
-    permuted_label_share: float = field(default=0.0, metadata={"help": "Share of the training episodes the context can answer (enrollment holds the query's emotion) whose label words are permuted (same for enrollment and query)."})
-    virtual_speakers: int = field(default=4, metadata={"help": "Virtual speakers per training speaker (one voice transform each; 0 = none)."})
-    loss_on_enrollment_labels: bool = field(default=True, metadata={"help": "Also train on the enrollment labels' tokens (K+1 answers per episode)."})
+    content_disjoint: bool = field(default=False, metadata={"help":
+            "No enrollment utterance has the query's sentence (text), in training and validation episodes; needs corpora with "
+            "texts (not iemocap/synthetic)."})
+    permuted_label_share: float = field(default=0.0, metadata={"help":
+            "Share of the training episodes the context can answer (enrollment holds the query's emotion) whose label words are"
+            " permuted (same for enrollment and query)."})
+    virtual_speakers: int = field(default=4, metadata={"help":
+            "Virtual speakers per training speaker (one voice transform each; 0 = none)."})
+    loss_on_enrollment_labels: bool = field(default=True, metadata={"help":
+            "Also train on the enrollment labels' tokens (K+1 answers per episode)."})
     # optimisation
-    max_steps: int = field(default=300, metadata={"help": "Optimizer steps (with a read-out, the last third train it alone: --readout_stage_steps)."})
+    max_steps: int = field(default=300, metadata={"help":
+            "Optimizer steps (with a read-out, the last third train it alone: --readout_stage_steps)."})
     batch_size: int = field(default=16, metadata={"help": "Episodes per optimizer step and accumulation step (per process)."})
-    length_groups: int = field(default=4, metadata={"help": "Split each batch into N forward passes of episodes of similar K (less padding; the loss and gradients equal one pass over the batch); 1 = one pass."})
+    length_groups: int = field(default=4, metadata={"help":
+            "Split each batch into N forward passes of episodes of similar K (less padding; the loss and gradients equal one "
+            "pass over the batch); 1 = one pass."})
     gradient_accumulation_steps: int = field(default=1)
     learning_rate: float = field(default=1e-3)
     weight_decay: float = field(default=0.0)
@@ -132,7 +177,8 @@ class TrainingArguments:
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "A checkpoint folder or 'latest'."})
     output_dir: str = field(default="outputs/icl-ser")
     feature_cache_dir: Optional[str] = field(default=None, metadata={"help": "Default: $ICL_SER_CACHE/features."})
-    export_adapter_only: bool = field(default=False, metadata={"help": "Export LoRA adapter + projector instead of merged weights."})
+    export_adapter_only: bool = field(default=False, metadata={"help":
+            "Export LoRA adapter + projector instead of merged weights."})
     push_to_hub: bool = field(default=False)
     hub_model_id: Optional[str] = field(default=None)
     hub_private: bool = field(default=False)
@@ -247,7 +293,8 @@ def apply_adapters(model, args: TrainingArguments):
     import peft
 
     model.requires_grad_(False)
-    n_encoder_layers = len(model.audio_tower.layers) if hasattr(model.audio_tower, "layers") else len(model.audio_tower.encoder.layers)
+    tower = model.audio_tower
+    n_encoder_layers = len(tower.layers) if hasattr(tower, "layers") else len(tower.encoder.layers)
     patterns = []
     if args.lm_lora:
         patterns.append(rf"language_model\..*\.({'|'.join(args.lora_target_modules)})")
@@ -537,7 +584,8 @@ def export(model, processor, args: TrainingArguments, summary: dict, output_dir:
         ModelCardData(
             library_name="transformers", license="apache-2.0", pipeline_tag="audio-classification",
             tags=["speech-emotion-recognition", "in-context-learning", "personalization", "icl-ser"],
-            datasets=[name for name, _ in parse_corpora(args.corpus, args.data_dir)], metrics=["unweighted_accuracy", "accuracy", "f1"],
+            datasets=[name for name, _ in parse_corpora(args.corpus, args.data_dir)],
+            metrics=["unweighted_accuracy", "accuracy", "f1"],
         ),
         template_path=str(REPO_ROOT / "model_card.md"),
         model_id=args.hub_model_id or "icl-ser",
@@ -588,8 +636,10 @@ def training_summary(args: TrainingArguments, summary: dict) -> str:
         f"Meta-trained with `train.py` on the **{args.corpus}** corpus: {summary['n_train_speakers']} training "
         f"speakers, {summary['n_validation_speakers']} validation speakers (test speakers unused).",
         f"{summary['steps']} steps × {args.batch_size * args.gradient_accumulation_steps} episodes, K ∈ "
-        f"[{args.k_min}, {args.k_max}] `{args.enrollment_mode}`{' content-disjoint' if args.content_disjoint else ''} enrollment, encoder `{args.encoder_mode}`, "
-        f"LM LoRA {'r=' + str(args.lora_r) + ' on ' + ', '.join(args.lora_target_modules) if args.lm_lora else 'off'}, lr {args.learning_rate}, seed {args.seed}; "
+        f"[{args.k_min}, {args.k_max}] `{args.enrollment_mode}`{' content-disjoint' if args.content_disjoint else ''} "
+        f"enrollment, encoder `{args.encoder_mode}`, "
+        f"LM LoRA {'r=' + str(args.lora_r) + ' on ' + ', '.join(args.lora_target_modules) if args.lm_lora else 'off'}, "
+        f"lr {args.learning_rate}, seed {args.seed}; "
         f"{summary['minutes']:.1f} min.",
     ]
     if args.readout_stage_steps:
@@ -599,7 +649,8 @@ def training_summary(args: TrainingArguments, summary: dict) -> str:
     if summary.get("si_route_fit"):
         fit = summary["si_route_fit"]
         lines.append("SI route fitted before meta-training on the training utterances' cached summaries (validation UA: "
-                     + ", ".join(f"{head} head {report['val_ua']:.3f} at step {report['best_step']}" for head, report in fit.items())
+                     + ", ".join(f"{head} head {report['val_ua']:.3f} at step {report['best_step']}"
+                                 for head, report in fit.items())
                      + ").")
     if summary.get("out_of_domain"):
         ood = summary["out_of_domain"]
@@ -917,7 +968,8 @@ def finish(args, accelerator, model, processor, data, state, backbones, started,
         folder = export(unwrapped, processor, args, summary, Path(args.output_dir))
         shown = summary.get("validation_exported", scores)
         accelerator.print(
-            "Validation UA: " + ", ".join(f"K={k[len('val_ua_k'):]}: {v:.3f}" for k, v in shown.items() if k.startswith("val_ua_k"))
+            "Validation UA: "
+            + ", ".join(f"K={k[len('val_ua_k'):]}: {v:.3f}" for k, v in shown.items() if k.startswith("val_ua_k"))
             + (" (per-K route weights chosen on held-out corpora)" if "validation_exported" in summary else "")
             + f"  ({summary['minutes']:.1f} min). Exported to {folder}"
         )

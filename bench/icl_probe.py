@@ -64,11 +64,14 @@ class ProbeArguments:
     data_dir: Optional[str] = field(default=None, metadata={"help": "Corpus folder (not needed for synthetic)."})
     corpus_options: Optional[str] = field(default=None, metadata={"help": "Synthetic generator options as JSON."})
     tiny: bool = field(default=False, metadata={"help": "Features of the tiny random model (tests)."})
-    audio_feature_layer: Optional[int] = field(default=None, metadata={"help": "Encoder block to pool (1 = first; default: the last)."})
-    permuted_label_share: float = field(default=0.0, metadata={"help": "Share of training episodes with permuted label words (0..1)."})
+    audio_feature_layer: Optional[int] = field(default=None, metadata={
+        "help": "Encoder block to pool (1 = first; default: the last)."})
+    permuted_label_share: float = field(default=0.0, metadata={
+        "help": "Share of training episodes with permuted label words (0..1)."})
     k_max: int = field(default=8, metadata={"help": "Training K is uniform in 0..k_max."})
     k: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8], metadata={"help": "Validation K values."})
-    eval_episodes_per_speaker: Optional[int] = field(default=None, metadata={"help": "Validation episodes per speaker and K (default: every utterance is a query once)."})
+    eval_episodes_per_speaker: Optional[int] = field(default=None, metadata={
+        "help": "Validation episodes per speaker and K (default: every utterance is a query once)."})
     steps: int = field(default=2000, metadata={"help": "Training steps."})
     batch_size: int = field(default=32, metadata={"help": "Episodes per step."})
     eval_every: int = field(default=250, metadata={"help": "Validate every this many steps (and at the end)."})
@@ -92,7 +95,8 @@ class ProbeArguments:
         if self.corpus != "synthetic" and not self.data_dir:
             raise ValueError(f"--corpus {self.corpus} needs --data_dir (the corpus folder).")
         if self.audio_feature_layer is not None and self.audio_feature_layer < 1:
-            raise ValueError(f"--audio_feature_layer must be >= 1 (1 = the encoder's first block), got {self.audio_feature_layer}.")
+            raise ValueError("--audio_feature_layer must be >= 1 (1 = the encoder's first block), "
+                             f"got {self.audio_feature_layer}.")
         if not 0.0 <= self.permuted_label_share <= 1.0:
             raise ValueError(f"--permuted_label_share must be between 0 and 1, got {self.permuted_label_share}.")
         if self.k_max < 0 or not self.k or any(k < 0 for k in self.k):
@@ -191,7 +195,8 @@ def pooled_features(args: ProbeArguments, table, labels: list[str], used_ids: se
     from evaluation.baselines import pool_features
     from evaluation.episodic import EncodedUtterances
 
-    settings = eval_script.EvalArguments(tiny=args.tiny, audio_feature_layer=args.audio_feature_layer or 0,  # None: the last block
+    # audio_feature_layer None = the last block (0 for eval.py)
+    settings = eval_script.EvalArguments(tiny=args.tiny, audio_feature_layer=args.audio_feature_layer or 0,
                                          seed=args.seed, feature_cache_dir=args.feature_cache_dir)
     model, processor, description = eval_script.feature_model(settings, labels, {})
     rows = [row for row in table if row["id"] in used_ids]  # test speakers are never encoded
@@ -361,7 +366,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     }
     gains = " ".join(f"K={k}: {100 * g['difference']:+.1f} [{100 * g['ci'][0]:+.1f}, {100 * g['ci'][1]:+.1f}]"
                      for k, g in report["gain"].items())
-    print(f"final UA 95% CI: " + " ".join(f"K={k}: [{100 * lo:.1f}, {100 * hi:.1f}]" for k, (lo, hi) in report["ua_ci"].items()))
+    print("final UA 95% CI: " + " ".join(f"K={k}: [{100 * lo:.1f}, {100 * hi:.1f}]" for k, (lo, hi) in report["ua_ci"].items()))
     print(f"paired gain over K={report['gain_base_k']}: {gains}")
     print(f"({report['seconds']:.0f} s)")
     if args.output:

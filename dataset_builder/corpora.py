@@ -592,7 +592,8 @@ def read_corpus(
             rows, skipped = _scan_manifest(root)
         else:
             if not root.is_dir():
-                raise ValueError(f"data_dir {str(root)!r} is not a folder; pass the folder holding the {name} {_SCANNERS[name][1]}.")
+                raise ValueError(f"data_dir {str(root)!r} is not a folder; "
+                                 f"pass the folder holding the {name} {_SCANNERS[name][1]}.")
             rows, skipped = _SCANNERS[name][0](root)
 
     table: dict[str, list[Any]] = {column: [] for column in UTTERANCE_FEATURES}

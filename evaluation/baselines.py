@@ -120,7 +120,8 @@ class Baseline:
         if not keep.any():
             raise ValueError(f"No training utterance has a label in {self.label_set}.")
         self.validation = validation
-        return self.standardize(features), np.array([self.label_set.index(l) if k else -1 for l, k in zip(labels, keep)])
+        return self.standardize(features), np.array([self.label_set.index(label) if k else -1
+                                                     for label, k in zip(labels, keep)])
 
     def standardize(self, features) -> np.ndarray:
         """Features standardized with the training set's per-dimension mean and std."""
@@ -218,7 +219,8 @@ class Baseline:
         """Train on the training speakers' pooled features; ``validation`` is for selection only."""
         raise NotImplementedError
 
-    def predict_proba(self, query_features, enrollment_features=None, enrollment_labels=(), unlabelled_features=None) -> np.ndarray:
+    def predict_proba(self, query_features, enrollment_features=None, enrollment_labels=(),
+                      unlabelled_features=None) -> np.ndarray:
         """``(n_query, len(label_set))`` probabilities for queries of one speaker given its enrollment.
 
         ``unlabelled_features``: ``(U, dim)`` other utterances of the speaker without labels. Only
@@ -275,7 +277,7 @@ class FineTuned(SpeakerIndependent):
         """Heads after each number of steps in ``steps_list`` along one fine-tuning run."""
         head = copy.deepcopy(self.head).eval()
         x = torch.as_tensor(self.standardize(enrollment_x))
-        y = torch.as_tensor([self.label_set.index(l) for l in enrollment_labels], dtype=torch.long)
+        y = torch.as_tensor([self.label_set.index(label) for label in enrollment_labels], dtype=torch.long)
         optimizer = torch.optim.Adam(head.parameters(), lr=lr)
         heads, done = {}, 0
         for target in sorted(steps_list):
@@ -346,7 +348,7 @@ class Prototypes(SpeakerIndependent):
         query = _unit(self.standardize(np.atleast_2d(query_features)))
         enrolled = _unit(self.standardize(ex))
         classes = sorted(set(ey), key=self.label_set.index)
-        prototypes = _unit(np.stack([enrolled[[l == c for l in ey]].mean(0) for c in classes]))
+        prototypes = _unit(np.stack([enrolled[[label == c for label in ey]].mean(0) for c in classes]))
         p_proto = _softmax(query @ prototypes.T / temperature)
         columns = [self.label_set.index(c) for c in classes]
         out = si.copy()
@@ -414,7 +416,8 @@ class SpeakerNormalized(SpeakerIndependent):
 
     def fit(self, features, labels, speakers, label_set, validation=None):
         super().fit(features, labels, speakers, label_set, validation)  # the K = 0 fallback
-        x, y = self.standardize(features), np.array([self.label_set.index(l) if l in self.label_set else -1 for l in labels])
+        x = self.standardize(features)
+        y = np.array([self.label_set.index(label) if label in self.label_set else -1 for label in labels])
         rows_by_speaker = _speaker_rows(np.asarray(speakers))
         self.var_within = np.mean([x[rows].var(0) for rows in rows_by_speaker.values()], axis=0)
         rng = np.random.default_rng([self.seed, 15485863])

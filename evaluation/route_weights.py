@@ -84,7 +84,8 @@ def choose_route_weights(
         ValueError: no K, or a K without its truths.
     """
     if not routes_by_k or set(routes_by_k) != set(truths_by_k):
-        raise ValueError(f"routes_by_k and truths_by_k must cover the same K's, got {sorted(routes_by_k)} and {sorted(truths_by_k)}.")
+        raise ValueError(f"routes_by_k and truths_by_k must cover the same K's, got {sorted(routes_by_k)} "
+                         f"and {sorted(truths_by_k)}.")
     enrolled = {k: routes for k, routes in routes_by_k.items() if k > 0}
     weights, scores = (None, {})
     if enrolled:

@@ -175,7 +175,8 @@ class IclSerProcessor(ProcessorMixin):
             if not isinstance(enrollments, (list, tuple)) or len(enrollments) != len(queries):
                 raise ValueError(
                     f"Batched call: enrollment must be a list with one list of (audio, label) pairs per query "
-                    f"({len(queries)}), got {len(enrollments) if isinstance(enrollments, (list, tuple)) else type(enrollments).__name__}."
+                    f"({len(queries)}), got "
+                    f"{len(enrollments) if isinstance(enrollments, (list, tuple)) else type(enrollments).__name__}."
                 )
             answers = [None] * len(queries) if answer is None else answer
             if isinstance(answers, str) or not isinstance(answers, (list, tuple)) or len(answers) != len(queries):

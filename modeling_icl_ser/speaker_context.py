@@ -206,7 +206,8 @@ class IclSerSpeakerContextMixin:
         normalized_head = self.speaker_routes.normalized is not None
         losses = []
         for row, speaker in enumerate(speaker_rows):
-            options = [[i for i, keep in zip(ids, kept) if keep] for ids, kept in zip(cands[row].tolist(), cand_mask[row].tolist())]
+            options = [[i for i, keep in zip(ids, kept) if keep]
+                       for ids, kept in zip(cands[row].tolist(), cand_mask[row].tolist())]
             index_of = {tuple(ids): c for c, ids in reversed(list(enumerate(options)))}
             terms = []
 

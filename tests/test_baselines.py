@@ -170,8 +170,8 @@ def test_enrollment_prototypes_need_no_training_and_follow_the_speakers_own_scal
     # One speaker whose classes differ along dimension 0, on top of a large speaker offset and
     # scale: the enrollment's own statistics remove both.
     centres = {"anger": 1.0, "calm": -1.0}
-    enrollment = np.stack([[1000 + 50 * centres[l] + rng.normal(), 7 + rng.normal(), 0, 0]
-                           for l in ["anger", "calm"] * 4]).astype(np.float32)
+    enrollment = np.stack([[1000 + 50 * centres[label] + rng.normal(), 7 + rng.normal(), 0, 0]
+                           for label in ["anger", "calm"] * 4]).astype(np.float32)
     query = np.array([[1000 + 50 * 1.0, 7, 0, 0], [1000 - 50, 7, 0, 0]], dtype=np.float32)
     probs = method.predict_proba(query, enrollment, ["anger", "calm"] * 4)
     assert probs.shape == (2, 3)

@@ -154,7 +154,8 @@ def test_sampler_permuted_label_share() -> None:
     for p, m in permuted:
         # One consistent mapping (a bijection) over the episode's enrollment and query labels.
         mapping = dict(zip(p["enrollment_labels"] + [p["emotion"]], m["enrollment_labels"] + [m["emotion"]]))
-        assert all(mapping[a] == b for a, b in zip(p["enrollment_labels"] + [p["emotion"]], m["enrollment_labels"] + [m["emotion"]]))
+        assert all(mapping[a] == b
+                   for a, b in zip(p["enrollment_labels"] + [p["emotion"]], m["enrollment_labels"] + [m["emotion"]]))
         assert len(set(mapping.values())) == len(mapping) and set(mapping.values()) <= set(EMOTIONS)
         changed += any(a != b for a, b in mapping.items())
     assert changed > len(permuted) // 2

@@ -27,7 +27,8 @@ def run_eval(args):
 
 def train_tiny(output_dir: Path, *extra) -> Path:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, str(REPO / "train.py"), *CORPUS, "--tiny", "--virtual_speakers", "0", "--batch_size", "2", "--max_steps", "2",
+    command = [sys.executable, str(REPO / "train.py"), *CORPUS, "--tiny", "--virtual_speakers", "0", "--batch_size", "2",
+               "--max_steps", "2",
                "--eval_k", "0", "--eval_episodes_per_speaker", "2", "--log_with", "none",
                "--output_dir", str(output_dir), *extra]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
@@ -186,7 +187,8 @@ def test_restrict_to_labels():
     [
         (["--test_speakers", "all", "--methods", "baselines"], "pass --baseline_corpus"),
         (["--test_speakers", "all", "01"], "stands alone"),
-        (["--test_speakers", "all", "--validation_speakers", "01", "--methods", "si", "--baseline_corpus", "emodb"], "drop --validation_speakers"),
+        (["--test_speakers", "all", "--validation_speakers", "01", "--methods", "si", "--baseline_corpus", "emodb"],
+         "drop --validation_speakers"),
         (["--baseline_data_dir", "x"], "needs --baseline_corpus"),
         (["--baseline_corpus", "ased"], "repeats the test corpus"),
         (["--baseline_corpus", "emodb,esd", "--baseline_data_dir", "x"], "gives 1 folder"),

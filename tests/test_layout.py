@@ -1,4 +1,5 @@
-"""The package layers import downward only: bench -> train.py/eval.py -> training -> evaluation -> dataset_builder -> modeling_icl_ser.
+"""The package layers import downward only:
+bench -> train.py/eval.py -> training -> evaluation -> dataset_builder -> modeling_icl_ser.
 
 modeling_icl_ser/ is what a Hub checkpoint carries, so it must not reach up into the data,
 evaluation or script layers; dataset_builder/ must not reach into evaluation/.

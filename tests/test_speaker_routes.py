@@ -116,7 +116,8 @@ def test_si_route_uses_its_normalized_head_only_with_enrollment(routed_model, ma
         embeds = model._candidate_embeddings(ids, torch.tensor(cands["candidate_attention_mask"])[None])[0]
         expected = model.speaker_routes.logits(vector, False, embeds).softmax(-1)
     torch.testing.assert_close(alone, expected)
-    assert not torch.allclose(model.speaker_routes.logits(vector, True, embeds), model.speaker_routes.logits(vector, False, embeds))
+    assert not torch.allclose(model.speaker_routes.logits(vector, True, embeds),
+                              model.speaker_routes.logits(vector, False, embeds))
 
 
 def test_si_route_trains_beside_the_lm_loss(make_audio):

@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "train.py")
 # A small synthetic corpus keeps these runs to seconds (6 speakers: 4 train, 1 validation, 1 test).
 SMALL = ["--corpus", "synthetic", "--corpus_options", json.dumps({"n_speakers": 6, "utterances_per_emotion": 4})]
-FAST = SMALL + ["--tiny", "--virtual_speakers", "0", "--batch_size", "2", "--eval_episodes_per_speaker", "4", "--log_with", "none"]
+FAST = SMALL + ["--tiny", "--virtual_speakers", "0", "--batch_size", "2", "--eval_episodes_per_speaker", "4",
+                "--log_with", "none"]
 
 
 def run_train(args, output_dir, **kwargs):
@@ -42,7 +43,8 @@ def test_few_steps_export_and_metrics(tmp_path):
     ua_keys = {"val_ua_k0", "val_ua_k4", "val_ua_k8", "val_ua_mean"}
     route_keys = {f"route_{route}_ua_k{k}" for route in ("lm", "prototype") for k in (0, 4, 8)}
     weight_keys = {f"route_weight_{route}" for route in ("lm", "si", "prototype")}
-    assert set(summary["validation"]) == ua_keys | route_keys | weight_keys | {f"route_weight_k0_{r}" for r in ("lm", "si", "prototype")}
+    k0_weight_keys = {f"route_weight_k0_{r}" for r in ("lm", "si", "prototype")}
+    assert set(summary["validation"]) == ua_keys | route_keys | weight_keys | k0_weight_keys
     assert all(0.0 <= v <= 1.0 for v in summary["validation"].values())
     assert abs(sum(summary["validation"][key] for key in weight_keys) - 1.0) < 1e-6
     final = tmp_path / "final"

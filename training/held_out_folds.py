@@ -77,7 +77,8 @@ def score_fold(model_dir: Path, args, held_out: str) -> tuple[dict, dict, list[s
     processor = IclSerProcessor.from_pretrained(str(model_dir))
     used = {i for es in episodes.values() for e in es for i in [e["query_id"], *e["enrollment_ids"]]}
     rows = [row for row in table if row["id"] in used]
-    encoded = EncodedUtterances(model, processor, rows, cache_dir=args.feature_cache_dir or str(default_cache_root() / "features"), show_progress=False)
+    cache_dir = args.feature_cache_dir or str(default_cache_root() / "features")
+    encoded = EncodedUtterances(model, processor, rows, cache_dir=cache_dir, show_progress=False)
     collator = IclSerDataCollator(processor, labels=labels)
     paths = dict(zip(table["id"], table["path"]))
     routes, truths = {}, {}
