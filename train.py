@@ -80,8 +80,8 @@ class TrainingArguments:
     language_model: Optional[str] = field(default=None, metadata={"help": "Hub id / HF folder / .gguf file."})
     offline_encoder: Optional[str] = field(default=None, metadata={"help":
             "Offline Whisper without --audio_encoder: tiny.en (default) or base (multilingual)."})
-    language_model_layers: int = field(default=8, metadata={"help":
-            "Keep the LM's first N pretrained blocks (cheaper, and best in docs/RESULTS.md); 0 = all."})
+    language_model_layers: int = field(default=4, metadata={"help":
+            "Keep the LM's first N pretrained blocks (fewer = cheaper steps); 0 = all."})
     num_audio_tokens: int = field(default=option_default("num_audio_tokens"), metadata={"help": "Speech tokens per utterance."})
     audio_pooling: str = field(default=option_default("audio_pooling"), metadata={"help": "Projector pooling: mean or mean_std."})
     audio_feature_layer: int = field(default=option_default("audio_feature_layer") or 0, metadata={"help":
@@ -147,19 +147,19 @@ class TrainingArguments:
     permuted_label_share: float = field(default=0.0, metadata={"help":
             "Share of the training episodes the context can answer (enrollment holds the query's emotion) whose label words are"
             " permuted (same for enrollment and query)."})
-    virtual_speakers: int = field(default=4, metadata={"help":
+    virtual_speakers: int = field(default=2, metadata={"help":
             "Virtual speakers per training speaker (one voice transform each; 0 = none)."})
     loss_on_enrollment_labels: bool = field(default=True, metadata={"help":
             "Also train on the enrollment labels' tokens (K+1 answers per episode)."})
     # optimisation
-    max_steps: int = field(default=300, metadata={"help":
+    max_steps: int = field(default=100, metadata={"help":
             "Optimizer steps (with a read-out, the last third train it alone: --readout_stage_steps)."})
     batch_size: int = field(default=16, metadata={"help": "Episodes per optimizer step and accumulation step (per process)."})
     length_groups: int = field(default=4, metadata={"help":
             "Split each batch into N forward passes of episodes of similar K (less padding; the loss and gradients equal one "
             "pass over the batch); 1 = one pass."})
     gradient_accumulation_steps: int = field(default=1)
-    learning_rate: float = field(default=1e-3)
+    learning_rate: float = field(default=2e-3)
     weight_decay: float = field(default=0.0)
     warmup_steps: int = field(default=20)
     lr_scheduler_type: str = field(default="cosine")
@@ -167,7 +167,7 @@ class TrainingArguments:
     mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 where the GPU/CPU has it), no, bf16 or fp16."})
     seed: int = field(default=0)
     # validation, checkpoints, export
-    eval_every: int = field(default=100, metadata={"help": "Validate every N steps (0 = only at the end)."})
+    eval_every: int = field(default=0, metadata={"help": "Validate every N steps (0 = only at the end)."})
     eval_k: list[int] = field(default_factory=lambda: [0, 4, 8])
     eval_episodes_per_speaker: int = field(default=24)
     early_stopping_patience: Optional[int] = field(default=None, metadata={"help": "Stop after N validations without gain."})

@@ -26,9 +26,11 @@ The CTranslate2 reader lives in :mod:`.ctranslate2_whisper`; its names are re-ex
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import re
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -158,12 +160,42 @@ def load_language_model(source: PathLike, **hub_kwargs) -> tuple[torch.nn.Module
         folder, hub_kwargs = str(path.parent), {**hub_kwargs, "gguf_file": path.name}
     else:
         folder = source
-    model = _from_hub_or_folder(AutoModelForCausalLM.from_pretrained, folder, "language_model",
-                                dtype=torch.float32, **hub_kwargs)
-    tokenizer = _from_hub_or_folder(AutoTokenizer.from_pretrained, folder, "language_model", **hub_kwargs)
+    with _gguf_parsed_once() if kind == "gguf" else nullcontext():
+        model = _from_hub_or_folder(AutoModelForCausalLM.from_pretrained, folder, "language_model",
+                                    dtype=torch.float32, **hub_kwargs)
+        tokenizer = _from_hub_or_folder(AutoTokenizer.from_pretrained, folder, "language_model", **hub_kwargs)
     if kind == "gguf":
         _forget_gguf_origin(model.config)
     return model.eval(), tokenizer
+
+
+@contextmanager
+def _gguf_parsed_once():
+    """Within the block, parse each GGUF file once and build each gguf tensor-name map once.
+
+    transformers reads a GGUF file's header anew for the config, the tokenizer and the weights,
+    and builds gguf's tensor-name map once per submodule; for SmolLM2-135M on CPU that was half
+    of loading it. The file is opened read-only, so sharing its reader changes no result.
+    """
+    try:
+        import gguf
+    except ImportError:  # transformers raises its own install hint
+        yield
+        return
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+
+    def reader(path, mode="r"):
+        key = (os.path.realpath(os.fspath(path)), mode)
+        if key not in readers:
+            readers[key] = reader_class(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
 
 
 def keep_first_layers(model: torch.nn.Module, n_layers: int) -> None:

@@ -536,6 +536,27 @@ def test_gguf_language_model_is_sensible():
 
 @pytest.mark.slow
 @needs_offline
+def test_gguf_file_is_parsed_once_per_load(monkeypatch):
+    """transformers reads the GGUF header for the config, the tokenizer and the weights; one parse serves all."""
+    import gguf
+
+    _, path = _offline_paths()
+    opened = []
+
+    class CountingReader(gguf.GGUFReader):
+        def __init__(self, *args, **kwargs):
+            opened.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    lm, tokenizer = load_language_model(path)
+    assert len(opened) == 1
+    assert gguf.GGUFReader is CountingReader  # the loader's memo is gone after the load
+    assert len(tokenizer) > 40000 and lm.config.num_hidden_layers == 30
+
+
+@pytest.mark.slow
+@needs_offline
 def test_offline_default_classifies(offline_model):
     model, processor = offline_model
     assert model.config.audio_config.d_model == 384 and model.config.text_config.hidden_size == 576

@@ -249,3 +249,26 @@ def test_model_card_keeps_one_block_per_evaluated_setting():
     blocks = eval_script._card_blocks(card)
     assert [b.splitlines()[0] for b in blocks] == ["<!-- eval: a -->", "<!-- eval: b -->"]
     assert blocks[1].endswith("<!-- /eval -->") and "| t |" not in blocks[1]
+
+
+def test_unlabelled_speech_reaches_si_norm_and_route_weights_file(models, tmp_path):
+    common = [*FAST, "--methods", "si_norm", "icl", "--model", str(models["icl"]), "--k", "0", "1",
+              "--episodes_per_speaker", "4"]
+    weights = tmp_path / "nested.json"
+    weights.write_text(json.dumps({"weights": {"0": {"lm": 1.0}, "1": {"lm": 0.5, "prototype": 0.5}}}))
+    plain = run_eval([*common, "--output_dir", str(tmp_path / "u0")])
+    with_u = run_eval([*common, "--unlabelled", "3", "--route_weights", str(weights), "--output_dir", str(tmp_path / "u3")])
+    assert with_u["settings"]["unlabelled"] == 3 and with_u["route_weights_by_k"]["1"] == {"lm": 0.5, "prototype": 0.5}
+    lines = [json.loads(line) for line in (tmp_path / "u3" / "predictions.jsonl").read_text().splitlines()]
+    before = [json.loads(line) for line in (tmp_path / "u0" / "predictions.jsonl").read_text().splitlines()]
+    # At K = 0 si_norm is the SI head without unlabelled speech, the normalized head with it.
+    k0 = [(a["probabilities"], b["probabilities"]) for a, b in zip(before, lines) if a["method"] == "si_norm" and a["k"] == 0]
+    assert k0 and any(a != b for a, b in k0)
+    assert "3 unlabelled utterances" in (tmp_path / "u3" / "results.md").read_text()
+    assert plain["route_weights_by_k"] is None
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"weights": {"0": {"knn": 1.0}}}))
+    with pytest.raises(ValueError, match="--route_weights"):
+        run_eval([*common, "--route_weights", str(bad), "--output_dir", str(tmp_path / "bad")])
+    with pytest.raises(ValueError, match="--unlabelled must be >= 0"):
+        run_eval([*common, "--unlabelled", "-1", "--output_dir", str(tmp_path / "bad")])
