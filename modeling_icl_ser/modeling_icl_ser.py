@@ -32,15 +32,20 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .checkpointing import (
-    CUSTOM_PIPELINES, ENCODER_PASS_VERSION, MODEL_FINGERPRINT_VERSION, config_and_weights_digest, pipeline_at_hand, save_code_files,
+    CUSTOM_PIPELINES,
+    ENCODER_PASS_VERSION,
+    MODEL_FINGERPRINT_VERSION,
+    config_and_weights_digest,
+    pipeline_at_hand,
+    save_code_files,
 )
 from .configuration_icl_ser import IclSerConfig
 from .projector import IclSerProjector
 from .readout import IclSerContextReadout
-from .route_mixing import mix_routes
+from .route_mixing import mix_routes  # noqa: F401  (re-exported: this module's import path of earlier versions)
 from .scoring import IclSerScoringMixin
 from .speaker_context import IclSerSpeakerContextMixin
-from .speaker_routes import IclSerSpeakerRoutes, speaker_standardize
+from .speaker_routes import IclSerSpeakerRoutes, speaker_standardize  # noqa: F401  (re-exported, as mix_routes)
 
 logger = logging.getLogger(__name__)
 

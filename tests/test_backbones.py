@@ -474,7 +474,8 @@ def _matches_ctranslate2(ct2_folder: Path, encoder, feature_extractor, full_max:
     assert short.shape[-1] == 300
     tiny_lm = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                    num_attention_heads=4, num_key_value_heads=4, vocab_size=50)
-    model = IclSerForConditionalGeneration(IclSerConfig(audio_config=encoder.config, text_config=tiny_lm)).eval()
+    config = IclSerConfig(audio_config=encoder.config, text_config=tiny_lm, audio_feature_layer=None)  # every block
+    model = IclSerForConditionalGeneration(config).eval()
     model.audio_tower.load_state_dict(encoder.state_dict())
     with torch.no_grad():
         ours_short, mask = model.get_audio_features(torch.from_numpy(short))
