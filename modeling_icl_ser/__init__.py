@@ -28,6 +28,7 @@ from .pipeline_icl_ser import (
     save_with_pipeline,
 )
 from .processing_icl_ser import IclSerDataCollator, IclSerProcessor
+from .recording_outputs_icl_ser import segments_to_csv, segments_to_json, summarize_recording
 
 AutoConfig.register(IclSerConfig.model_type, IclSerConfig, exist_ok=True)
 AutoModel.register(IclSerConfig, IclSerForConditionalGeneration, exist_ok=True)
@@ -52,4 +53,7 @@ __all__ = [
     "load_audio",
     "plot_emotion_timeline",
     "save_with_pipeline",
+    "segments_to_csv",
+    "segments_to_json",
+    "summarize_recording",
 ]

@@ -344,6 +344,8 @@ class SpeakerRow:
         memory_labels: `(K, W)` their label embeddings.
         query_summaries: `(Q, F)` summaries of `queries`, speaker-normalized by `memory` when the
             config asks for it; `memory_summaries` likewise for `memory`.
+        has_statistics: The row has speaker statistics (enrollment or unlabelled speech), so the
+            SI route reads its normalized head.
     """
 
     queries: torch.Tensor
@@ -353,6 +355,7 @@ class SpeakerRow:
     memory_labels: torch.Tensor
     query_summaries: torch.Tensor
     memory_summaries: torch.Tensor
+    has_statistics: bool = False  # unlabelled speech (issue 24): statistics without labels
 
 
 class IclSerSpeakerRoutes(nn.Module):
@@ -667,6 +670,7 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         audio_label_ids: Optional[torch.Tensor] = None,
         enrollment_context: Optional[torch.Tensor] = None,
         query_answers: Optional[list[list[int]]] = None,
+        unlabelled_summaries: Optional[list] = None,
     ) -> EmbeddedPrompt:
         """Prompt embeddings with the audio tokens in place, and what the read-out adds (see
         `EmbeddedPrompt`); its matching loss when `query_answers` (each row's query answer ids,
@@ -694,7 +698,8 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         readout_loss = row_readout = after = pointers = speaker_rows = None
         readout_loss_rows = 0
         if self.context_readout is not None or self.speaker_routes is not None:
-            speaker_rows, labelled = self._speaker_rows(placeholders, hidden, hidden_mask, audio_label_ids, enrollment_context)
+            speaker_rows, labelled = self._speaker_rows(placeholders, hidden, hidden_mask, audio_label_ids, enrollment_context,
+                                                        unlabelled_summaries)
         if self.context_readout is not None:
             readout, (readout_loss, readout_loss_rows), pointers = self._read_enrollment(
                 speaker_rows, labelled, audio_label_ids, enrollment_context, query_answers
@@ -800,14 +805,19 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         hidden_mask: torch.Tensor,
         audio_label_ids: Optional[torch.Tensor],
         enrollment_context: Optional[torch.Tensor],
+        unlabelled_summaries: Optional[list] = None,
     ) -> tuple[list[SpeakerRow], torch.Tensor]:
         """Each row's `SpeakerRow` (its unlabelled audios and its enrollment: `enrollment_context`'s
-        utterances first, then its labelled audios), and `(n_audio,)` which audios are labelled."""
+        utterances first, then its labelled audios), and `(n_audio,)` which audios are labelled.
+        Speaker statistics come from the enrollment plus the row's `unlabelled_summaries` (if any)."""
         n_audio = hidden.shape[0]  # audio_label_ids' shape was checked by _embed_with_audio
         width = self.get_input_embeddings().weight.shape[-1]
         per_row = (placeholders.sum(-1) // self.config.num_audio_tokens).tolist()
         if enrollment_context is not None and enrollment_context.shape[0] != len(per_row):
             raise ValueError(f"enrollment_context has {enrollment_context.shape[0]} rows for a batch of {len(per_row)}.")
+        if unlabelled_summaries is not None and len(unlabelled_summaries) != len(per_row):
+            raise ValueError(f"unlabelled_summaries has {len(unlabelled_summaries)} entries for a batch of {len(per_row)}; "
+                             "pass one (U, F) tensor or None per row.")
         summaries = IclSerContextReadout.summarize(hidden, hidden_mask)
         if audio_label_ids is None:
             labelled = torch.zeros(n_audio, dtype=torch.bool, device=hidden.device)
@@ -830,11 +840,14 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
                 memory = torch.cat([context[:, :split], memory])
                 memory_labels = torch.cat([context[:, split:], memory_labels])
             query_summaries, memory_summaries = summaries[queries], memory
+            # Unlabelled speech of the row's speaker adds to the statistics only (not to the read-out's memory).
+            extra = None if unlabelled_summaries is None else unlabelled_summaries[row]
+            stats = memory if extra is None or not len(extra) else torch.cat([memory, extra.to(memory.device, memory.dtype)])
             if normalize:
-                query_summaries = speaker_standardize(query_summaries, memory, floor)
-                memory_summaries = speaker_standardize(memory, memory, floor)
+                query_summaries = speaker_standardize(query_summaries, stats, floor)
+                memory_summaries = speaker_standardize(memory, stats, floor)
             rows.append(SpeakerRow(queries, enrolled, bool(count) and not bool(labelled[index[-1]]), memory, memory_labels,
-                                   query_summaries, memory_summaries))
+                                   query_summaries, memory_summaries, len(stats) > 0))
         return rows, labelled
 
     def _read_enrollment(
@@ -943,6 +956,7 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         candidate_attention_mask: Optional[torch.Tensor] = None,
         num_enrolled_queries_in_batch: Optional[int] = None,
         num_queries_in_batch: Optional[int] = None,
+        unlabelled_summaries: Optional[list] = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""Language-model pass with the audio tokens spliced in.
@@ -976,6 +990,10 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
                 so the micro-batches' losses add up to the whole batch's.
             num_queries_in_batch: Likewise the batch's rows, over which the SI route's loss
                 averages (`config.si_route`).
+            unlabelled_summaries: Per row, None or a `(U, F)` tensor of raw summaries
+                (`utterance_embeddings`) of other, unlabelled speech of that row's speaker: speaker
+                normalization standardizes by the enrollment plus these; the prototype route and
+                the read-out still use the labelled enrollment only.
 
         Raises:
             ValueError: placeholder count ≠ `num_audio_tokens` × number of audios, or both
@@ -990,7 +1008,7 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
                 answers = self._query_answers(labels)
             prompt = self._embed_with_audio(
                 input_ids, input_features, feature_attention_mask, audio_hidden_states, audio_hidden_mask,
-                audio_label_ids, enrollment_context, answers,
+                audio_label_ids, enrollment_context, answers, unlabelled_summaries,
             )
         elif input_features is not None or audio_hidden_states is not None:
             raise ValueError("Audio inputs need input_ids (to find the placeholders), not inputs_embeds.")
@@ -1063,7 +1081,7 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
                     terms.append(nn.functional.cross_entropy(logits, target, reduction="none"))
 
             if speaker.last_query and answers is not None:
-                add(speaker.query_summaries[-1:], len(speaker.memory) > 0, [index_of.get(tuple(answers[row]))])
+                add(speaker.query_summaries[-1:], speaker.has_statistics, [index_of.get(tuple(answers[row]))])
             if len(speaker.enrolled) and audio_label_ids is not None:
                 targets = [index_of.get(tuple(i for i in ids if i != -100))
                            for ids in audio_label_ids[speaker.enrolled].tolist()]
@@ -1130,6 +1148,7 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         labels: Optional[torch.Tensor] = None,
         cache: Optional[Cache] = None,
         return_routes: bool = False,
+        unlabelled_summaries: Optional[list] = None,
         **unused,
     ) -> Union[torch.Tensor, dict]:
         """Closed-set probabilities of the candidate labels for each sample.
@@ -1157,6 +1176,8 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
                 `{"lm", "si", "prototype"}` of `(batch, n_labels)` (None for a route the model
                 lacks; NaN rows where a route cannot score), from which `mix_routes` gives the
                 mixture for any `route_weights` (train.py chooses them this way).
+            unlabelled_summaries: Per row, None or `(U, F)` raw summaries of unlabelled speech of
+                the row's speaker, added to the speaker statistics (see `forward`).
 
         Returns:
             `(batch, n_labels)` probabilities (rows sum to 1), in the candidates' order: the LM's,
@@ -1190,7 +1211,7 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
 
         prompt = self._embed_with_audio(
             input_ids, input_features, feature_attention_mask, audio_hidden_states, audio_hidden_mask,
-            audio_label_ids, enrollment_context)
+            audio_label_ids, enrollment_context, unlabelled_summaries=unlabelled_summaries)
         embeds, row_readout, readout_positions = prompt.embeds, prompt.readout, prompt.readout_positions
         candidate_embeds = self.get_input_embeddings()(cand_ids)
         if row_readout is not None:  # as on the answer tokens in training
@@ -1235,7 +1256,7 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
                 continue
             query = row.query_summaries[-1]
             if si is not None:
-                si[b] = self.speaker_routes.logits(query[None], len(row.memory) > 0, cand_embeds[b]).softmax(-1)[0]
+                si[b] = self.speaker_routes.logits(query[None], row.has_statistics, cand_embeds[b]).softmax(-1)[0]
             if len(row.memory):
                 point = prototype_probabilities(query, row.memory_summaries, row.memory_labels, cand_embeds[b],
                                                 float(self.config.prototype_temperature))
@@ -1326,7 +1347,7 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
         kwargs.pop("candidate_attention_mask", None)
         if not is_first_iteration and kwargs.get("use_cache", True):
             for key in ("input_features", "feature_attention_mask", "audio_hidden_states", "audio_hidden_mask",
-                        "audio_label_ids", "enrollment_context"):
+                        "audio_label_ids", "enrollment_context", "unlabelled_summaries"):
                 kwargs.pop(key, None)
         return super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
 
