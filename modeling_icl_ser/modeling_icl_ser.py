@@ -632,6 +632,13 @@ class IclSerForConditionalGeneration(IclSerPreTrainedModel, GenerationMixin):
                 del self.config.custom_pipelines
         if copy and kwargs.get("is_main_process", True):
             _copy_atomically(pipeline_file, Path(save_directory) / _PIPELINE_FILE)
+            # The modules the pipeline imports (recordings: segmentation, speaker check, outputs, profiles).
+            from transformers.dynamic_module_utils import get_relative_import_files
+
+            for module in get_relative_import_files(str(pipeline_file)):
+                target = Path(save_directory) / Path(module).name
+                if not target.exists():
+                    _copy_atomically(Path(module), target)
         return result
 
     # --------------------------------------------------------------------------- merging
