@@ -11,8 +11,8 @@ One run measures, side by side (`--data_dir` = the shared corpora; RAVDESS is re
    the windows over it), all with the same K = 8 profile of that actor.
 3. Two speakers: per corpus, recordings alternating an enrolled speaker and another one (other
    speakers, pairs drawn at random): % of the segments assigned to the right speaker
-   (`target_speaker=True`, the shipped threshold, chosen on RAVDESS pairs in
-   bench/bench_speaker_check.py).
+   (`target_speaker=True`, the shipped threshold and reference weight,
+   chosen on RAVDESS: bench/bench_speaker_check.py).
 4. Cost: real-time factor of the whole path (VAD, speaker check, emotion; `target_speaker=True`,
    `unlabelled="recording"`) on the 10-minute file, and the peak RSS of a fresh process that
    labels a `--long_minutes` (default 60) file read from disk (`--skip_long` to leave it out).
@@ -171,6 +171,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=4, help="two-speaker recordings per corpus")
     parser.add_argument("--model", default=None)
     parser.add_argument("--skip_long", action="store_true")
+    parser.add_argument("--skip_emotion", action="store_true", help="leave out the UA comparison (3 more passes)")
     parser.add_argument("--long_child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -218,15 +219,16 @@ def main() -> None:
           f"same actor), pauses 0.3-4 s; {len(segments)} VAD segments")
     print(f"segmentation: {100 * np.mean(found):.1f} % of utterances found (IoU >= 0.5; goal >= 95 %), median "
           f"boundary error {np.median(errors):.3f} s (goal <= 0.25 s)")
-    vad_pred = [seg["label"] if iou_ > 0 else None for seg, iou_ in matched]
-    one = [pipe(samples, profile=profile, sampling_rate=SR)[0]["label"] for samples, _ in pieces[:len(truth)]]
-    windows = pipe(recording, profile=profile, sampling_rate=SR, chunk_length_s=4.0, stride_length_s=1.0)
-    fixed = fixed_labels(truth, windows, labels)
-    no_self = pipe(recording, profile=profile, sampling_rate=SR, segmentation="vad", unlabelled=None)
-    no_self_pred = [seg["label"] if iou_ > 0 else None for seg, iou_ in match(truth, no_self)]
-    print(f"emotion UA ({len(labels)} labels): VAD segments {ua(truth_labels, vad_pred, labels):.1f} | the same "
-          f"utterances one by one {ua(truth_labels, one, labels):.1f} | fixed windows {ua(truth_labels, fixed, labels):.1f} "
-          f"| VAD without the recording's own statistics {ua(truth_labels, no_self_pred, labels):.1f}")
+    if not args.skip_emotion:
+        vad_pred = [seg["label"] if iou_ > 0 else None for seg, iou_ in matched]
+        one = [pipe(samples, profile=profile, sampling_rate=SR)[0]["label"] for samples, _ in pieces[:len(truth)]]
+        windows = pipe(recording, profile=profile, sampling_rate=SR, chunk_length_s=4.0, stride_length_s=1.0)
+        fixed = fixed_labels(truth, windows, labels)
+        no_self = pipe(recording, profile=profile, sampling_rate=SR, segmentation="vad", unlabelled=None)
+        no_self_pred = [seg["label"] if iou_ > 0 else None for seg, iou_ in match(truth, no_self)]
+        print(f"emotion UA ({len(labels)} labels): VAD segments {ua(truth_labels, vad_pred, labels):.1f} | the same "
+              f"utterances one by one {ua(truth_labels, one, labels):.1f} | fixed windows {ua(truth_labels, fixed, labels):.1f} "
+              f"| VAD without the recording's own statistics {ua(truth_labels, no_self_pred, labels):.1f}")
 
     # 3: two speakers
     label_sets = {"ravdess": labels}

@@ -330,11 +330,12 @@ class IclSpeechEmotionPipeline(Pipeline):
 
         Speaker:
             target_speaker: Check each segment's voice against the profile's speaker (needs a
-                profile or `enrollment`, and the speaker encoder, see offline-weights.txt). Only
-                the enrolled speaker's segments are labelled; the others come back with
-                `"speaker": "other"` and no label.
-            speaker_threshold: Cosine similarity to the enrolled voice at or above which a segment
-                is theirs (default `speaker_check_icl_ser.DEFAULT_THRESHOLD`).
+                profile or `enrollment`, and the speaker encoder, see offline-weights.txt): the
+                call's segments so far are split into the enrolled speaker's and the other's
+                (`speaker_check_icl_ser.TargetSpeakerTracker`). Only the enrolled speaker's
+                segments are labelled; the others come back with `"speaker": "other"` and no label.
+            speaker_threshold: Cosine similarity to the enrolled voice print at or above which a
+                segment starts out as theirs (default `speaker_check_icl_ser.DEFAULT_THRESHOLD`).
             unlabelled: "recording" (default): speaker normalization also takes its statistics
                 from the recording's own speech (the enrolled speaker's segments with
                 `target_speaker`), once `min_unlabelled` segments have been heard (the first

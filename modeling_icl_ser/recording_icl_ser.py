@@ -31,7 +31,7 @@ from .segmentation_icl_ser import (
     check_segmentation,
     energy_frame_scores,
 )
-from .speaker_check_icl_ser import DEFAULT_THRESHOLD, INSTALL_HINT
+from .speaker_check_icl_ser import DEFAULT_THRESHOLD, INSTALL_HINT, TargetSpeakerTracker
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +193,7 @@ def label_recording(pipe, recording: Recording, context, options: RecordingOptio
     held: list[tuple] = []  # (slots, encoded batch, batch) waiting for enough statistics
     stats: list[torch.Tensor] = []
     found = 0
+    tracker = TargetSpeakerTracker(reference, options.speaker_threshold) if options.target_speaker else None
 
     def label(indices, encoded, batch) -> None:
         extra = torch.cat(stats) if stats else None
@@ -206,8 +207,8 @@ def label_recording(pipe, recording: Recording, context, options: RecordingOptio
         indices = list(range(len(slots), len(slots) + len(batch)))
         slots.extend([None] * len(batch))
         if options.target_speaker:
-            similarity = encoder.embed([samples for _, samples in batch]) @ reference
-            whos = [("target" if s >= options.speaker_threshold else "other", float(s)) for s in similarity]
+            decisions = tracker.assign(encoder.embed([samples for _, samples in batch]))
+            whos = [("target" if is_target else "other", similarity) for is_target, similarity in decisions]
         else:
             whos = [(None, None)] * len(batch)
         targets = [i for i, (who, _) in enumerate(whos) if who != "other"]

@@ -25,10 +25,12 @@ from .segmentation_icl_ser import SAMPLING_RATE, _package_file
 SPEAKER_EXTRA = "resemblyzer"  # installed --no-deps from offline-weights.txt
 INSTALL_HINT = ("the speaker encoder's weights are not installed: pip install --no-deps -r offline-weights.txt "
                 "(or pip install --no-deps resemblyzer==0.1.4)")
-# Cosine similarity to the enrolled speaker's embedding at or above which a segment is theirs:
-# the equal-error threshold of same/different-speaker pairs of RAVDESS (bench/bench_speaker_check.py),
-# a corpus apart from the ones the check is measured on.
-DEFAULT_THRESHOLD = 0.80
+# Cosine similarity to the enrolled speaker's voice print at or above which a segment starts out as
+# theirs: the equal-error threshold of same/different-speaker pairs of RAVDESS (bench/bench_speaker_check.py).
+DEFAULT_THRESHOLD = 0.72
+# How many segments the enrolled voice print counts for in the call's target cluster (chosen on
+# RAVDESS two-speaker recordings; ASED and emotiontts-ko test it).
+REFERENCE_WEIGHT = 8.0
 _PARTIAL_FRAMES = 160  # 1.6 s partial utterances (10 ms mel hop), as the encoder was trained
 _HOP = 160
 _TARGET_DBFS = -30.0
@@ -112,6 +114,44 @@ def speaker_embedding(encoder: SpeakerEncoder, clips: Sequence[np.ndarray]) -> n
     return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
 
 
+class TargetSpeakerTracker:
+    """Decides, segment by segment, whether the enrolled speaker is speaking in a two-party call.
+
+    A segment's voice is compared with the call so far, not with the voice print alone: the
+    segments heard up to and including it are split into two clusters (2-means on cosine
+    similarity), starting from the threshold rule (similarity to the voice print >=
+    `threshold`); the target cluster's centre is the voice print, counted as `reference_weight`
+    segments, plus its members. The segment is the target's when it is closer to that centre
+    than to the other cluster's (with no other cluster yet: when its similarity reaches the
+    threshold). Earlier decisions are never revised, so results can be streamed.
+    """
+
+    def __init__(self, reference: np.ndarray, threshold: float = DEFAULT_THRESHOLD,
+                 reference_weight: float = REFERENCE_WEIGHT, iterations: int = 5):
+        self.reference = np.asarray(reference, dtype=np.float32)
+        self.threshold, self.reference_weight, self.iterations = float(threshold), float(reference_weight), iterations
+        self._heard: list[np.ndarray] = []
+
+    def assign(self, embeddings: np.ndarray) -> list[tuple[bool, float]]:
+        """`(is_target, similarity to the voice print)` for each unit-length embedding, in order."""
+        out = []
+        for vector in np.asarray(embeddings, dtype=np.float32):
+            self._heard.append(vector)
+            heard = np.stack(self._heard)
+            target = heard @ self.reference >= self.threshold
+            for _ in range(self.iterations):
+                centre = self.reference * self.reference_weight + heard[target].sum(0)
+                centre /= max(float(np.linalg.norm(centre)), 1e-12)
+                if target.all():
+                    target = heard @ centre >= self.threshold
+                    continue
+                other = heard[~target].sum(0)
+                other /= max(float(np.linalg.norm(other)), 1e-12)
+                target = heard @ centre >= heard @ other
+            out.append((bool(target[-1]), float(vector @ self.reference)))
+        return out
+
+
 def load_speaker_encoder(required: bool = False, why: str = "") -> Optional[SpeakerEncoder]:
     """The speaker encoder, or None when absent; with `required`, a `ValueError` naming what to install."""
     encoder = SpeakerEncoder.from_package()
@@ -120,4 +160,4 @@ def load_speaker_encoder(required: bool = False, why: str = "") -> Optional[Spea
     return encoder
 
 
-__all__ = ["DEFAULT_THRESHOLD", "SpeakerEncoder", "load_speaker_encoder", "speaker_embedding"]
+__all__ = ["DEFAULT_THRESHOLD", "SpeakerEncoder", "TargetSpeakerTracker", "load_speaker_encoder", "speaker_embedding"]

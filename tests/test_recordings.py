@@ -14,7 +14,7 @@ from transformers import pipeline
 from modeling_icl_ser import save_with_pipeline, segments_to_csv, segments_to_json, summarize_recording
 from modeling_icl_ser.recording_outputs_icl_ser import plot_emotion_timeline
 from modeling_icl_ser.segmentation_icl_ser import FRAME, SileroVad, UtteranceSegmenter
-from modeling_icl_ser.speaker_check_icl_ser import SpeakerEncoder
+from modeling_icl_ser.speaker_check_icl_ser import SpeakerEncoder, TargetSpeakerTracker
 from modeling_icl_ser.testing import synthetic_speech, tiny_icl_ser
 
 SR = 16000
@@ -171,14 +171,30 @@ def test_target_speaker_needs_a_profile_and_the_encoder(pipe, call, monkeypatch)
         pipe.stream(call, profile=profile, sampling_rate=SR, target_speaker=True)
 
 
+def test_the_tracker_splits_a_call_into_the_enrolled_voice_and_the_other():
+    rng = np.random.default_rng(0)
+    unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)  # noqa: E731
+    a, b = unit(rng.standard_normal(256)), unit(rng.standard_normal(256))
+    voice = lambda centre: unit(centre + 0.06 * rng.standard_normal(256))  # noqa: E731
+    reference = voice(a)
+    truth = [True, False] * 10
+    call = np.stack([voice(a) if t else voice(b) for t in truth])
+    decisions = TargetSpeakerTracker(reference, threshold=0.5).assign(call)  # a threshold that alone errs
+    assert (call @ reference >= 0.5).sum() < 10
+    assert [t for t, _ in decisions] == truth
+    assert all(abs(s - float(v @ reference)) < 1e-6 for (_, s), v in zip(decisions, call))
+
+
 @needs_speaker_encoder
-def test_other_speakers_segments_carry_no_emotion(pipe, call):
+def test_other_speakers_segments_carry_no_emotion(pipe, call, monkeypatch):
     profile = pipe.enroll([(synthetic_speech(0.8, 30), "happiness")], sampling_rate=SR)
     everyone = pipe(call, profile=profile, sampling_rate=SR, target_speaker=True, speaker_threshold=-1.0)
-    nobody = pipe(call, profile=profile, sampling_rate=SR, target_speaker=True, speaker_threshold=1.0)
     assert {s["speaker"] for s in everyone} == {"target"} and all(s["label"] for s in everyone)
+    opposite = -profile.speaker_embedding  # every segment's voice as far from the enrolled one as can be
+    monkeypatch.setattr(SpeakerEncoder, "embed", lambda self, clips: np.tile(opposite, (len(clips), 1)))
+    nobody = pipe(call, profile=profile, sampling_rate=SR, target_speaker=True)
     assert {s["speaker"] for s in nobody} == {"other"}
-    assert all(s["label"] is None and s["scores"] == {} and -1 <= s["speaker_score"] <= 1 for s in nobody)
+    assert all(s["label"] is None and s["scores"] == {} and s["speaker_score"] == pytest.approx(-1) for s in nobody)
 
 
 @needs_speaker_encoder
