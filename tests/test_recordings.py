@@ -8,7 +8,6 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
 from transformers import pipeline
 
 from modeling_icl_ser import save_with_pipeline, segments_to_csv, segments_to_json, summarize_recording

@@ -43,7 +43,7 @@ def test_unlabelled_summaries_standardize_the_k0_routes(routed):
 
 
 def test_k0_profile_with_unlabelled_speech_round_trips_and_matches_the_call(routed, tmp_path):
-    model, processor, pipe = routed
+    model, _, pipe = routed
     clips, query = _clips(3, seed=10), synthetic_speech(1.0, seed=50)
     profile = pipe.enroll(None, sampling_rate=SR, unlabelled=clips)
     assert profile.num_enrollment == 0 and profile.num_unlabelled == 3
