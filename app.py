@@ -148,17 +148,35 @@ def classify(folder: str, profile, audio_path):
     return {item["label"]: item["score"] for item in result}
 
 
+SEGMENTATIONS = {"utterances (VAD)": "vad", "fixed windows": "fixed"}
+
+
 @_polite
-def timeline(folder: str, profile, audio_path, chunk_length_s: float, stride_length_s: float, gate: bool,
-             threshold_db: float):
+def timeline(folder: str, profile, audio_path, segmentation: str, chunk_length_s: float, stride_length_s: float,
+             gate: bool, threshold_db: float, target_speaker: bool = False):
+    """Label a long recording: (timeline figure, segment rows, summary text, CSV file path)."""
     if not audio_path:
         raise ValueError("Upload or record a recording to follow over time.")
+    if target_speaker and profile is None:
+        raise ValueError("'Only the enrolled speaker' needs an enrolled speaker: enroll (or load a profile) first.")
     pipe = get_pipeline(folder)
-    segments = pipe(audio_path, profile=profile, chunk_length_s=float(chunk_length_s),
-                    stride_length_s=float(stride_length_s), vad_threshold_db=float(threshold_db) if gate else None)
-    figure = _module(pipe).plot_emotion_timeline(segments, title="probability per label over time")
-    rows = [[s["timestamp"][0], s["timestamp"][1], s["label"], round(s["score"], 3)] for s in segments]
-    return figure, rows
+    mode = SEGMENTATIONS.get(segmentation, segmentation)
+    settings = dict(segmentation=mode, vad_threshold_db=float(threshold_db) if gate else None,
+                    target_speaker=bool(target_speaker))
+    if mode == "fixed":
+        settings.update(chunk_length_s=float(chunk_length_s), stride_length_s=float(stride_length_s))
+    segments = pipe(audio_path, profile=profile, **settings)
+    outputs = sys.modules[type(pipe).__module__.rsplit(".", 1)[0] + ".recording_outputs_icl_ser"]
+    figure = outputs.plot_emotion_timeline(segments, title="probability per label over time")
+    rows = [[s["timestamp"][0], s["timestamp"][1], s.get("speaker") or "", s["label"] or "",
+             "" if s["score"] is None else round(s["score"], 3)] for s in segments]
+    summary = outputs.summarize_recording(segments)
+    shares = ", ".join(f"{label} {100 * share:.0f} %" for label, share in summary["shares"].items()) or "nothing labelled"
+    who = "the enrolled speaker" if target_speaker else "the speaker"
+    text = f"{len(segments)} segments; {who}: {summary['speech_s']:.1f} s of speech in {summary['segments']} segments: {shares}."
+    path = Path(tempfile.mkdtemp(prefix="icl-ser-segments-")) / (Path(audio_path).stem + "-segments.csv")
+    outputs.segments_to_csv(segments, path)
+    return figure, rows, text, str(path)
 
 
 # ----------------------------------------------------------------------------- page
@@ -205,16 +223,24 @@ def build_demo(model_folder: str = DEFAULT_MODEL) -> gr.Blocks:
                     recording = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Recording",
                                          elem_id="long_audio")
                     with gr.Row():
-                        chunk = gr.Slider(1.0, 30.0, 4.0, step=0.5, label="Segment length (s)")
-                        stride = gr.Slider(0.0, 10.0, 1.0, step=0.5, label="Overlap (s)")
-                    with gr.Row():
-                        gate = gr.Checkbox(True, label="Skip silence (energy gate)")
-                        threshold = gr.Slider(-80.0, -10.0, -50.0, step=1.0, label="Gate level (dBFS)")
+                        mode = gr.Radio(list(SEGMENTATIONS), value="utterances (VAD)", label="Segments",
+                                        elem_id="segmentation")
+                        target = gr.Checkbox(False, label="Only the enrolled speaker (two-party call)",
+                                             elem_id="target_speaker")
+                    with gr.Accordion("Fixed windows and the energy gate", open=False):
+                        with gr.Row():
+                            chunk = gr.Slider(1.0, 30.0, 4.0, step=0.5, label="Window length (s)")
+                            stride = gr.Slider(0.0, 10.0, 1.0, step=0.5, label="Overlap (s)")
+                        with gr.Row():
+                            gate = gr.Checkbox(True, label="Skip silence (energy gate)")
+                            threshold = gr.Slider(-80.0, -10.0, -50.0, step=1.0, label="Gate level (dBFS)")
                     follow = gr.Button("Follow over time", variant="primary", elem_id="timeline")
+                    summary = gr.Markdown(elem_id="timeline_summary")
                     plot = gr.Plot(label="Timeline", elem_id="timeline_plot")
-                    segments = gr.Dataframe(headers=["start (s)", "end (s)", "label", "score"], interactive=False,
-                                            label="Segments")
-        gr.Markdown("Audio: WAV/FLAC/OGG, up to 30 s per clip; a long recording is labelled segment by segment.")
+                    segments = gr.Dataframe(headers=["start (s)", "end (s)", "speaker", "label", "score"],
+                                            interactive=False, label="Segments", elem_id="segments_table")
+                    csv_file = gr.File(label="Segments (CSV)", interactive=False, elem_id="segments_csv")
+        gr.Markdown("Audio: WAV/FLAC/OGG, up to 30 s per clip; a long recording is labelled utterance by utterance.")
 
         load.click(load_model, folder, model_status)
         demo.load(load_model, folder, model_status)
@@ -224,7 +250,8 @@ def build_demo(model_folder: str = DEFAULT_MODEL) -> gr.Blocks:
         save.click(save_profile, profile, saved)
         upload.upload(load_profile, [folder, upload], [profile, enroll_status])
         run.click(classify, [folder, profile, query], result)
-        follow.click(timeline, [folder, profile, recording, chunk, stride, gate, threshold], [plot, segments])
+        follow.click(timeline, [folder, profile, recording, mode, chunk, stride, gate, threshold, target],
+                     [plot, segments, summary, csv_file])
     return demo
 
 

@@ -581,11 +581,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
         train, validation = split_arrays("train"), split_arrays("validation")
         assert not test_ids & {i for i in fit_table["id"] if speaker_of[i] in set(fit_splits["train"])}
         for name in baseline_methods:
-            fitted[name] = make_baseline(name, **baseline_options(name, args)).fit(*train, fit_labels, validation=validation)
+            # enroll_prototypes trains nothing: its classes are whatever the enrollment names, so it
+            # answers over the test corpus' labels (never limited to the baseline corpora's).
+            own_labels = labels if name == "enroll_prototypes" else fit_labels
+            fitted[name] = make_baseline(name, **baseline_options(name, args)).fit(*train, own_labels, validation=validation)
             for (mode, k), eps in episodes.items():
                 trained_probabilities = run_baseline(fitted[name], eps, pooled, f"{name} {mode} K={k}")
                 probabilities[(name, mode, k)] = restrict_to_episode_labels(
-                    restrict_to_labels(trained_probabilities, fit_labels, labels), eps, labels)
+                    restrict_to_labels(trained_probabilities, own_labels, labels), eps, labels)
     for name in (m for m in methods if m in LM_METHODS):
         model, processor = loaded[name]
         collator = IclSerDataCollator(processor, labels=labels)

@@ -55,6 +55,17 @@ def run_eval(run: Path, corpus: str, folder: str, others: list[tuple[str, str]],
     return out
 
 
+def results_of(out: Path) -> list[dict]:
+    """A run's results; rows of a later `--methods enroll_prototypes` rerun (its `enroll_prototypes/`
+    subfolder, same episodes) replace that method's."""
+    results = json.loads((out / "results.json").read_text())["results"]
+    rerun = out / "enroll_prototypes" / "results.json"
+    if rerun.is_file():
+        extra = json.loads(rerun.read_text())["results"]
+        results = [r for r in results if r["method"] != "enroll_prototypes"] + extra
+    return results
+
+
 def table(results: list[dict], ks: list[int]) -> list[str]:
     """Rows method, columns K (UA %), then the paired K8 − K0 gain of icl."""
     cells = {(r["method"], r["k"]): r for r in results}
@@ -86,8 +97,17 @@ def main() -> None:
     parser.add_argument("--output_dir", default="outputs/leave-one-corpus-out")
     args = parser.parse_args()
     run = Path(args.run)
-    settings = json.loads((run / "final" / "training_args.json").read_text())
-    specs = parse_corpora(settings["corpus"], settings["data_dir"])
+    # The release run's corpora: its export's settings, or (while it still trains) its folds'.
+    exported = run / "final" / "training_args.json"
+    if exported.is_file():
+        settings = json.loads(exported.read_text())
+        specs = parse_corpora(settings["corpus"], settings["data_dir"])
+    else:
+        specs = {}
+        for fold in sorted((run / "folds").glob("*/final/training_args.json")):
+            settings = json.loads(fold.read_text())
+            specs.update(dict(parse_corpora(settings["corpus"], settings["data_dir"])))
+        specs = sorted(specs.items())
     wanted = set(args.corpora.split(",")) if args.corpora else {name for name, _ in specs}
     report = []
     for corpus, folder in specs:
@@ -100,7 +120,7 @@ def main() -> None:
                                for k, ws in nested["weights"].items()), ""]
         for unlabelled in sorted({0, args.unlabelled}):
             out = run_eval(run, corpus, str(folder), others, args, unlabelled)
-            results = json.loads((out / "results.json").read_text())["results"]
+            results = results_of(out)
             report += [f"### {corpus}, every speaker, U = {unlabelled} unlabelled utterances ({out})", "",
                        *table(results, args.k), ""]
     text = "\n".join(report) + "\n"

@@ -31,6 +31,7 @@ from .pipeline_icl_ser import (
 from .processing_icl_ser import IclSerDataCollator, IclSerProcessor
 from .projector import IclSerProjector
 from .route_mixing import mix_routes
+from .recording_outputs_icl_ser import segments_to_csv, segments_to_json, summarize_recording
 
 AutoConfig.register(IclSerConfig.model_type, IclSerConfig, exist_ok=True)
 AutoModel.register(IclSerConfig, IclSerForConditionalGeneration, exist_ok=True)
@@ -56,4 +57,7 @@ __all__ = [
     "mix_routes",
     "plot_emotion_timeline",
     "save_with_pipeline",
+    "segments_to_csv",
+    "segments_to_json",
+    "summarize_recording",
 ]

@@ -576,7 +576,7 @@ class IclSerForConditionalGeneration(IclSerScoringMixin, IclSerSpeakerContextMix
         kwargs.pop("candidate_attention_mask", None)
         if not is_first_iteration and kwargs.get("use_cache", True):
             for key in ("input_features", "feature_attention_mask", "audio_hidden_states", "audio_hidden_mask",
-                        "audio_label_ids", "enrollment_context"):
+                        "audio_label_ids", "enrollment_context", "unlabelled_summaries"):
                 kwargs.pop(key, None)
         return super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
 

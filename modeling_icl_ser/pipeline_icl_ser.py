@@ -15,141 +15,52 @@ Relative imports only: `model.save_pretrained` / `save_with_pipeline` copy this 
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Iterator, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from transformers import AutoModel, Pipeline
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 
-from .audio_utils import AudioInput, Recording, check_chunking, check_not_silent, chunk_spans, load_audio, speech_ratio
+from .audio_utils import AudioInput, Recording, check_not_silent, load_audio
+from .modeling_icl_ser import IclSerContextReadout
+from .profile_icl_ser import PROFILE_FORMAT, SpeakerProfile, is_profile
+from .recording_icl_ser import MIN_UNLABELLED, check_options, label_recording
+from .recording_outputs_icl_ser import plot_emotion_timeline
+from .segmentation_icl_ser import SileroVad
+from .speaker_check_icl_ser import load_speaker_encoder, speaker_embedding
 
 TASK = "icl-speech-emotion"
-PROFILE_FORMAT = "icl_ser-speaker-profile-v1"
 # Per-call parameters: they describe one speaker, so they never belong to the constructor.
-_CALL_ONLY = ("enrollment", "profile", "labels")
+_CALL_ONLY = ("enrollment", "profile", "labels", "unlabelled")
 # Parameters that make a call label a long recording segment by segment (`stream`).
-_LONG_ONLY = ("chunk_length_s", "stride_length_s", "vad_threshold_db", "vad_min_speech")
+_LONG_ONLY = ("chunk_length_s", "stride_length_s", "vad_threshold_db", "vad_min_speech", "segmentation",
+              "min_silence_s", "max_segment_s", "min_speech_s", "vad_threshold", "target_speaker", "speaker_threshold",
+              "min_unlabelled")
 
 
-# ----------------------------------------------------------------------------- profiles
-@dataclass
-class SpeakerProfile:
-    """A speaker's enrollment, encoded once: the LM key/value cache of the prompt prefix.
-
-    Made by [`IclSpeechEmotionPipeline.enroll`]; pass it as `pipe(audio, profile=profile)`.
-    Only valid for the checkpoint it was made with (`model_fingerprint`); the pipeline refuses
-    a profile from another checkpoint.
-
-    Attributes:
-        labels: Candidate labels the prefix's instruction lists (the call's candidates).
-        enrollment_labels: The K enrollment labels, in order.
-        prefix_ids: Token ids of the prefix (instruction + enrollment lines).
-        model_fingerprint: `model.fingerprint()` of the checkpoint that made it.
-        keys, values: Per LM layer, `(1, kv_heads, prefix_len, head_dim)` cached states.
-        enrollment_context: `(K, ...)` what the model's enrollment read-out keeps of the
-            enrollment (`model.enrollment_context`); None for a model without one.
-    """
-
-    labels: list[str]
-    enrollment_labels: list[str]
-    prefix_ids: list[int]
-    model_fingerprint: str
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    enrollment_context: Optional[torch.Tensor] = None
-
-    @property
-    def num_enrollment(self) -> int:
-        """K, the number of enrollment utterances."""
-        return len(self.enrollment_labels)
-
-    def cache(self, batch_size: int, device: Union[str, torch.device]) -> DynamicCache:
-        """A fresh cache holding the prefix for `batch_size` rows (classify extends it in place)."""
-        return DynamicCache(
-            ddp_cache_data=[
-                (k.to(device).expand(batch_size, -1, -1, -1), v.to(device).expand(batch_size, -1, -1, -1))
-                for k, v in zip(self.keys, self.values)
-            ]
-        )
-
-    def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write the profile to one `.safetensors` file (tensors + JSON metadata), atomically."""
-        path = os.fspath(path)
-        meta = {"labels": self.labels, "enrollment_labels": self.enrollment_labels,
-                "prefix_ids": self.prefix_ids, "model_fingerprint": self.model_fingerprint}
-        tensors = {}
-        for i, (k, v) in enumerate(zip(self.keys, self.values)):
-            tensors[f"keys.{i}"] = k.detach().to("cpu").contiguous()
-            tensors[f"values.{i}"] = v.detach().to("cpu").contiguous()
-        if self.enrollment_context is not None:
-            tensors["enrollment_context"] = self.enrollment_context.detach().to("cpu").contiguous()
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        # Temp file in the same folder, then os.replace: readers never see a half-written profile.
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".profile-", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"format": PROFILE_FORMAT, "profile": json.dumps(meta)})
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-
-    @classmethod
-    def load(cls, path: Union[str, os.PathLike]) -> "SpeakerProfile":
-        """Read a profile written by `save` (tensors load on CPU)."""
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"No speaker profile at {path!r}.")
-        try:
-            with safe_open(path, framework="pt") as handle:
-                metadata = handle.metadata() or {}
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-        except Exception as error:  # safetensors raises its own error types for corrupt files
-            raise ValueError(f"{path!r} is not a readable safetensors file ({error}).") from None
-        if metadata.get("format") != PROFILE_FORMAT:
-            raise ValueError(f"{path!r} is not an icl-ser speaker profile (format {metadata.get('format')!r}, "
-                             f"expected {PROFILE_FORMAT!r}).")
-        meta = json.loads(metadata["profile"])
-        n_layers = sum(name.startswith("keys.") for name in tensors)
-        return cls(labels=list(meta["labels"]), enrollment_labels=list(meta["enrollment_labels"]),
-                   prefix_ids=[int(i) for i in meta["prefix_ids"]], model_fingerprint=meta["model_fingerprint"],
-                   keys=[tensors[f"keys.{i}"] for i in range(n_layers)],
-                   values=[tensors[f"values.{i}"] for i in range(n_layers)],
-                   enrollment_context=tensors.get("enrollment_context"))
-
-
+# ----------------------------------------------------------------------------- call context
 @dataclass
 class _Context:
-    """One call's resolved speaker context: candidates and either decoded enrollment or a profile."""
+    """One call's resolved speaker context: candidates and either decoded enrollment or a profile,
+    and the `(U, F)` summaries of the speaker's unlabelled speech (None when there is none)."""
 
     labels: list[str]
     enrollment: list[tuple[np.ndarray, str]]
     profile: Optional[SpeakerProfile] = None
+    unlabelled: Optional[torch.Tensor] = None
 
 
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     return value
-
-
-def _is_profile(obj: Any) -> bool:
-    # By name, not isinstance: the package's class and a checkpoint's remote-code copy are
-    # different class objects with the same code, and either may make the profile.
-    return type(obj).__name__ == "SpeakerProfile" and hasattr(obj, "model_fingerprint")
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -165,9 +76,12 @@ class IclSpeechEmotionPipeline(Pipeline):
     - `pipe([audio, ...], ..., batch_size=8)` → one such list per query (same speaker context).
     - `profile = pipe.enroll([(audio, label), ...])`, then `pipe(audio, profile=profile)`: the
       enrollment is encoded once; a query then costs about as much as a zero-shot query.
-    - `pipe(recording, profile=profile, chunk_length_s=4.0, stride_length_s=1.0)` → one
-      `{"timestamp", "label", "score", "scores"}` per voiced segment of a long recording;
-      `pipe.stream(...)` yields them one by one (see `stream`).
+    - `pipe(recording, profile=profile, segmentation="vad")` → one
+      `{"timestamp", "speaker", "label", "score", "scores"}` per utterance of a long recording
+      (`target_speaker=True`: only the enrolled speaker's are labelled; `chunk_length_s=4.0`:
+      fixed windows instead); `pipe.stream(...)` yields them one by one (see `stream`).
+    - `pipe.enroll(enrollment, unlabelled=[audio, ...])`: unlabelled speech of the speaker adds
+      to the statistics of speaker normalization (also `pipe(audio, unlabelled=[...])`).
     - `pipe.embed(audio or [audio, ...])` → utterance embeddings (see `embed`).
 
     Call parameters:
@@ -199,7 +113,8 @@ class IclSpeechEmotionPipeline(Pipeline):
         super().__init__(*args, **kwargs)
 
     # ------------------------------------------------------------------------ parameters
-    def _sanitize_parameters(self, enrollment=None, profile=None, labels=None, top_k=None, sampling_rate=None):
+    def _sanitize_parameters(self, enrollment=None, profile=None, labels=None, top_k=None, sampling_rate=None,
+                             unlabelled=None):
         preprocess, postprocess = {}, {}
         if sampling_rate is not None:
             preprocess["sampling_rate"] = sampling_rate
@@ -208,7 +123,7 @@ class IclSpeechEmotionPipeline(Pipeline):
         if sampling_rate is None:
             sampling_rate = getattr(self, "_preprocess_params", {}).get("sampling_rate")
         # Resolved (and the enrollment decoded) here, once per call, before any query work.
-        context = self._context(enrollment, profile, labels, sampling_rate)
+        context = self._context(enrollment, profile, labels, sampling_rate, unlabelled)
         postprocess["labels"] = context.labels
         return preprocess, {"context": context}, postprocess
 
@@ -230,23 +145,54 @@ class IclSpeechEmotionPipeline(Pipeline):
         except ValueError as error:
             hint = ""
             if "at most" in str(error) and where == "query audio":
-                hint = " For a long recording, pass chunk_length_s=4.0 to label it segment by segment."
+                hint = (" For a long recording, pass segmentation='vad' to label it utterance by utterance "
+                        "(or chunk_length_s=4.0 for fixed windows).")
             raise ValueError(f"{where}: {error}{hint}") from None
 
-    def _context(self, enrollment, profile, labels, sampling_rate) -> _Context:
+    def _context(self, enrollment, profile, labels, sampling_rate, unlabelled=None) -> _Context:
         proc = self.processor
         if profile is not None:
             if enrollment is not None:
                 raise ValueError("Pass either enrollment= or profile=, not both.")
-            return _Context(self._check_profile(profile, labels), [], profile)
+            candidates = self._check_profile(profile, labels)
+            summaries = self._unlabelled_inputs(unlabelled, sampling_rate, voices=False)[0]
+            if profile.unlabelled is not None:
+                summaries = profile.unlabelled if summaries is None else torch.cat([profile.unlabelled, summaries])
+            return _Context(candidates, [], profile, summaries)
         candidates = proc._check_labels(list(proc.labels) if labels is None else list(labels), "labels")
         pairs = proc._check_pairs([] if enrollment is None else enrollment, 0)
         proc._check_enrollment_labels([pairs], [None], candidates)
         audios = [self._load(audio, sampling_rate, f"enrollment audio {j}") for j, (audio, _) in enumerate(pairs)]
-        return _Context(candidates, [(audio, label) for audio, (_, label) in zip(audios, pairs)])
+        summaries = self._unlabelled_inputs(unlabelled, sampling_rate, voices=False)[0]
+        return _Context(candidates, [(audio, label) for audio, (_, label) in zip(audios, pairs)], None, summaries)
+
+    def _unlabelled_inputs(self, clips, sampling_rate, voices: bool = True
+                           ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """`(U, F)` summaries of unlabelled clips (None for none) and, with `voices` and the speaker
+        encoder installed, their `(U, 256)` speaker embeddings. Every clip is checked first."""
+        if clips is None:
+            return None, None
+        if isinstance(clips, (str, os.PathLike, dict, np.ndarray, torch.Tensor)) or not isinstance(clips, (list, tuple)):
+            raise ValueError(f"unlabelled must be a list of audio clips of the speaker (no labels), got "
+                             f"{type(clips).__name__}; e.g. unlabelled=['call1.wav', 'call2.wav'].")
+        if any(isinstance(clip, tuple) and len(clip) == 2 and isinstance(clip[1], str) for clip in clips):
+            raise ValueError("unlabelled takes audio clips without labels; pass labelled (audio, label) pairs as "
+                             "enrollment= instead.")
+        samples = [self._load(clip, sampling_rate, f"unlabelled audio {j}") for j, clip in enumerate(clips)]
+        if not samples:
+            return None, None
+        summaries = torch.from_numpy(np.atleast_2d(self.embed(samples, sampling_rate=self.processor.sampling_rate)))
+        encoder = load_speaker_encoder() if voices else None
+        return summaries, (None if encoder is None else torch.from_numpy(encoder.embed(samples)))
+
+    def _vad_model(self) -> Optional[SileroVad]:
+        """The VAD, loaded once per pipeline (None when silero-vad is not installed)."""
+        if not hasattr(self, "_vad"):
+            self._vad = SileroVad.from_package()
+        return self._vad
 
     def _check_profile(self, profile, labels) -> list[str]:
-        if not _is_profile(profile):
+        if not is_profile(profile):
             raise ValueError(f"profile must be a SpeakerProfile (from pipe.enroll or SpeakerProfile.load), "
                              f"got {type(profile).__name__}.")
         if profile.model_fingerprint != self.model_fingerprint:
@@ -271,20 +217,28 @@ class IclSpeechEmotionPipeline(Pipeline):
 
     # --------------------------------------------------------------------------- enroll
     def enroll(
-        self, enrollment: Sequence, labels: Optional[Sequence[str]] = None, sampling_rate: Optional[int] = None
+        self, enrollment: Optional[Sequence] = None, labels: Optional[Sequence[str]] = None,
+        sampling_rate: Optional[int] = None, unlabelled: Optional[Sequence] = None,
     ) -> SpeakerProfile:
         """Encode a speaker's enrollment once and keep the prompt prefix's key/value cache.
 
         Args:
-            enrollment: `(audio, label)` pairs (K = 0 allowed: a speaker-independent profile).
+            enrollment: `(audio, label)` pairs (K = 0 allowed: a speaker-independent profile,
+                or, with `unlabelled`, one that carries only unlabelled speech).
             labels: Candidate labels (default: the checkpoint's vocabulary); fixed for the profile.
             sampling_rate: Rate of raw arrays/tensors.
+            unlabelled: Other clips of the same speaker, without labels: speaker normalization
+                takes its statistics from the enrollment plus these (more can be added later
+                with `profile.add_unlabelled(clips, pipe)`).
 
         Returns:
             A [`SpeakerProfile`]; `pipe(audio, profile=profile)` then gives the same
-            probabilities as `pipe(audio, enrollment=enrollment, labels=labels)`.
+            probabilities as `pipe(audio, enrollment=enrollment, labels=labels, unlabelled=unlabelled)`.
+            With the speaker encoder installed (`resemblyzer`, see offline-weights.txt) it also
+            holds the speaker's voice print, for `target_speaker=True` on a recording.
         """
         context = self._context(enrollment, None, labels, sampling_rate)
+        summaries, voices = self._unlabelled_inputs(unlabelled, sampling_rate)
         proc = self.processor
         enrollment_labels = [label for _, label in context.enrollment]
         prefix = proc.prefix_ids(enrollment_labels, context.labels)
@@ -308,18 +262,23 @@ class IclSpeechEmotionPipeline(Pipeline):
             kinds = sorted({type(layer).__name__ for layer in layers or []}) or [type(cache).__name__]
             raise ValueError(f"Speaker profiles need a language model with a plain full-attention cache; this one "
                              f"uses {kinds}. Call the pipeline with enrollment= instead.")
+        encoder = load_speaker_encoder()
+        if encoder is not None and context.enrollment:
+            enrolled = torch.from_numpy(encoder.embed([a for a, _ in context.enrollment]))
+            voices = enrolled if voices is None else torch.cat([enrolled, voices])
         return SpeakerProfile(labels=list(context.labels), enrollment_labels=enrollment_labels, prefix_ids=prefix,
                               model_fingerprint=self.model_fingerprint,
                               keys=[layer.keys for layer in layers], values=[layer.values for layer in layers],
-                              enrollment_context=enrollment_context)
+                              enrollment_context=enrollment_context, unlabelled=summaries, speaker_embeddings=voices)
 
     # ------------------------------------------------------------------------ run
     def __call__(self, inputs, **kwargs):
         """Label one query audio, or a list of them (see the class docstring for parameters).
 
-        With `chunk_length_s=` the input is one long recording: the list of its segments'
-        results (see `stream`)."""
-        if any(name in kwargs for name in _LONG_ONLY):
+        With any long-recording parameter (`segmentation=`, `chunk_length_s=`, `target_speaker=`,
+        `unlabelled="recording"`, ...) the input is one long recording: the list of its
+        segments' results (see `stream`)."""
+        if any(name in kwargs for name in _LONG_ONLY) or kwargs.get("unlabelled") == "recording":
             return list(self.stream(inputs, **kwargs))
         if isinstance(inputs, tuple):
             inputs = list(inputs)
@@ -335,57 +294,92 @@ class IclSpeechEmotionPipeline(Pipeline):
         profile: Optional[SpeakerProfile] = None,
         labels: Optional[Sequence[str]] = None,
         sampling_rate: Optional[int] = None,
-        chunk_length_s: float = 4.0,
-        stride_length_s: float = 1.0,
+        segmentation: Optional[str] = None,
+        min_silence_s: float = 0.3,
+        max_segment_s: float = 12.0,
+        min_speech_s: float = 0.25,
+        vad_threshold: float = 0.5,
+        chunk_length_s: Optional[float] = None,
+        stride_length_s: Optional[float] = None,
         vad_threshold_db: Optional[float] = -50.0,
         vad_min_speech: float = 0.1,
+        target_speaker: bool = False,
+        speaker_threshold: Optional[float] = None,
+        unlabelled: Optional[str] = "recording",
+        min_unlabelled: int = MIN_UNLABELLED,
         batch_size: int = 8,
         top_k: Optional[int] = None,
     ) -> Iterator[dict[str, Any]]:
-        """Label a long recording segment by segment, yielding each segment's result in time order.
+        """Label a long recording utterance by utterance, yielding each result in time order.
 
-        `pipe(audio, chunk_length_s=..., ...)` is `list(pipe.stream(audio, ...))`. A file is read
-        one segment at a time, so memory stays flat however long the recording is.
+        `pipe(audio, segmentation="vad", ...)` (or any other parameter below) is
+        `list(pipe.stream(audio, ...))`. A file is read 30 s at a time and each utterance is
+        labelled once the pause after it is heard, so memory stays flat however long it is.
 
-        Segments: `chunk_length_s` seconds long, consecutive ones overlapping by
-        `stride_length_s` seconds (so each starts `chunk_length_s - stride_length_s` after the
-        previous one). The last segment ends at the end of the recording, moved back to keep its
-        full length; a recording shorter than one segment is one segment.
+        Segments (`segmentation`; default "vad", or "fixed" when `chunk_length_s` or
+        `stride_length_s` is given):
+            "vad": utterances found by Silero VAD (the `silero-vad` package; without it, the
+            energy gate below scores the frames, with a logged warning). An utterance ends after
+            `min_silence_s` of pause; a turn longer than `max_segment_s` is split at its quietest
+            point; utterances shorter than `min_speech_s` are dropped; `vad_threshold` is the
+            speech probability a frame needs.
+            "fixed": windows of `chunk_length_s` (default 4) seconds overlapping by
+            `stride_length_s` (default 1), the last one moved back to end at the end; a window is
+            skipped unless `vad_min_speech` of its 30 ms frames reach `vad_threshold_db` dBFS
+            (`None` labels every window).
 
-        Voice-activity gate: a segment is skipped (not yielded) unless at least `vad_min_speech`
-        of its 30 ms frames have an RMS level of `vad_threshold_db` dBFS or more;
-        `vad_threshold_db=None` switches the gate off (every segment is labelled).
+        Speaker:
+            target_speaker: Check each segment's voice against the profile's speaker (needs a
+                profile or `enrollment`, and the speaker encoder, see offline-weights.txt): the
+                call's segments so far are split into the enrolled speaker's and the other's
+                (`speaker_check_icl_ser.TargetSpeakerTracker`). Only the enrolled speaker's
+                segments are labelled; the others come back with `"speaker": "other"` and no label.
+            speaker_threshold: Cosine similarity to the enrolled voice print at or above which a
+                segment starts out as theirs (default `speaker_check_icl_ser.DEFAULT_THRESHOLD`).
+            unlabelled: "recording" (default): speaker normalization also takes its statistics
+                from the recording's own speech (the enrolled speaker's segments with
+                `target_speaker`), once `min_unlabelled` segments have been heard (the first
+                ones wait until then); a shorter recording is labelled without them. None: only
+                the profile's enrollment and unlabelled clips.
 
         Speaker context as for a single query (`enrollment=` is enrolled once, as a profile).
-        Voiced segments go through the encoder and the LM `batch_size` at a time.
+        Segments go through the encoder and the LM `batch_size` at a time.
 
         Yields:
-            `{"timestamp": (start_s, end_s), "label", "score", "scores": {label: probability}}`
-            (`label`/`score` the best; `scores` over all candidates, in candidate order, or the
-            `top_k` best).
+            `{"timestamp": (start_s, end_s), "speaker", "label", "score", "scores"}`: `speaker`
+            is "target" or "other" with `target_speaker` (plus `speaker_score`, the cosine
+            similarity), else None; `label`/`score` the best label; `scores` over all candidates
+            in candidate order, or the `top_k` best. Another speaker's segment has label and
+            score None and empty scores.
 
         Raises:
-            ValueError: bad segment/stride lengths, gate settings or batch size, missing,
-                empty or non-audio input (before any model work), or, at the end, a recording
-                in which the gate found no speech.
+            ValueError: bad settings (e.g. `max_segment_s <= min_speech_s`), a missing, empty or
+                non-audio input, a profile from another checkpoint, `target_speaker` without a
+                profile or without the speaker encoder (all before any model work), or, once the
+                recording is read, no speech found in it.
         """
         proc = self.processor
-        chunk_s, stride_s = check_chunking(chunk_length_s, stride_length_s, proc.audio_limit_seconds)
-        if vad_threshold_db is not None and (isinstance(vad_threshold_db, bool) or not isinstance(vad_threshold_db, (int, float))
-                                             or not vad_threshold_db <= 0):
-            raise ValueError(f"vad_threshold_db must be a level in dBFS (<= 0, e.g. -50.0) or None to switch "
-                             f"the voice-activity gate off, got {vad_threshold_db!r}.")
-        if isinstance(vad_min_speech, bool) or not isinstance(vad_min_speech, (int, float)) or not 0 <= vad_min_speech <= 1:
-            raise ValueError(f"vad_min_speech must be a share of frames in [0, 1], got {vad_min_speech!r}.")
-        _positive_int("batch_size", batch_size)
-        if top_k is not None:
-            _positive_int("top_k", top_k)
+        options = check_options(proc.audio_limit_seconds, segmentation, chunk_length_s, stride_length_s,
+                                min_silence_s=min_silence_s, max_segment_s=max_segment_s, min_speech_s=min_speech_s,
+                                vad_threshold=vad_threshold, vad_threshold_db=vad_threshold_db,
+                                vad_min_speech=vad_min_speech, target_speaker=target_speaker,
+                                speaker_threshold=speaker_threshold, unlabelled=unlabelled,
+                                min_unlabelled=min_unlabelled, batch_size=batch_size, top_k=top_k)
+        if profile is not None:
+            self._check_profile(profile, labels)
+        encoder = None
+        if options.target_speaker:
+            if profile is None and not enrollment:
+                raise ValueError("target_speaker=True picks the enrolled speaker's segments, so it needs a profile "
+                                 "(profile=pipe.enroll([...])) or enrollment=[...] of that speaker.")
+            encoder = load_speaker_encoder(required=True, why="target_speaker=True needs the speaker encoder")
+            if profile is not None and profile.speaker_embedding is None:
+                raise ValueError("This profile holds no voice print (it was made without the speaker encoder); "
+                                 "enroll the speaker again with it installed to use target_speaker=True.")
         recording = Recording(audio, sampling_rate, proc.sampling_rate)  # checks the input, reads nothing yet
-        return self._stream(recording, enrollment, profile, labels, sampling_rate, chunk_s, stride_s,
-                            vad_threshold_db, vad_min_speech, batch_size, top_k)
+        return self._stream(recording, enrollment, profile, labels, sampling_rate, options, encoder)
 
-    def _stream(self, recording, enrollment, profile, labels, sampling_rate, chunk_s, stride_s,
-                vad_threshold_db, vad_min_speech, batch_size, top_k) -> Iterator[dict[str, Any]]:
+    def _stream(self, recording, enrollment, profile, labels, sampling_rate, options, encoder) -> Iterator[dict[str, Any]]:
         # A generator behind `stream`, so argument errors above are raised at the call, not at the first next().
         with recording:
             if profile is None and enrollment:  # enroll once: every segment then costs a zero-shot query
@@ -396,32 +390,43 @@ class IclSpeechEmotionPipeline(Pipeline):
                     if "plain full-attention cache" not in str(error):
                         raise  # else: no profile for this LM, every segment reads the enrollment inline
             context = self._context(enrollment, profile, labels, sampling_rate)
-            rate = recording.sampling_rate
-            spans = chunk_spans(recording.num_samples, int(round(chunk_s * rate)),
-                                int(round(chunk_s * rate)) - int(round(stride_s * rate)))
-            batch, voiced = [], 0
-            for index, (start, end) in enumerate(spans):
-                samples = recording.read(start, end)
-                if vad_threshold_db is None or speech_ratio(samples, self.processor.sampling_rate,
-                                                            vad_threshold_db) >= max(vad_min_speech, 1e-9):
-                    batch.append(((start / rate, end / rate), samples))
-                if batch and (len(batch) == batch_size or index == len(spans) - 1):
-                    voiced += len(batch)
-                    yield from self._label_segments(batch, context, top_k)
-                    batch = []
-            if not voiced:
-                raise ValueError(f"No speech found in {recording.source} ({recording.duration:.1f} s): every segment is "
-                                 f"below the voice-activity gate (vad_threshold_db={vad_threshold_db}, vad_min_speech="
-                                 f"{vad_min_speech}). Check the recording, lower vad_threshold_db, or pass "
-                                 "vad_threshold_db=None to label every segment.")
+            reference = None
+            if encoder is not None:
+                reference = (profile.speaker_embedding if profile is not None
+                             else speaker_embedding(encoder, [a for a, _ in context.enrollment]))
+            yield from label_recording(self, recording, context, options, reference, encoder)
 
-    def _label_segments(self, batch, context: _Context, top_k: Optional[int]) -> Iterator[dict[str, Any]]:
-        probs = self.forward({"audio": [samples for _, samples in batch]}, context=context)["probs"]
-        for (timestamp, _), row in zip(batch, probs.tolist()):
-            ranked = sorted(zip(context.labels, row), key=lambda pair: pair[1], reverse=True)
+    def _encode(self, audios: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encoder frames, their mask and the `(N, F)` summaries of a batch of clips (one encoder pass)."""
+        inputs = {k: torch.from_numpy(v) for k, v in self.processor.audio_inputs(audios).items()}
+        with self.device_placement(), torch.no_grad():
+            inputs = self._ensure_tensor_on_device(inputs, self.device)
+            hidden, mask = self.model.get_audio_features(inputs["input_features"], inputs["feature_attention_mask"])
+            return hidden, mask, IclSerContextReadout.summarize(hidden, mask.to(hidden.device))
+
+    def _classify(self, context: _Context, audios: list[np.ndarray], encoded=None, unlabelled=None) -> torch.Tensor:
+        """`(N, C)` probabilities of a batch of clips under `context`, with `unlabelled` `(U, F)`
+        summaries as the speaker's unlabelled speech (default: the context's)."""
+        inputs = {"audio": audios, "encoded": encoded}
+        context = _Context(context.labels, context.enrollment, context.profile,
+                           context.unlabelled if unlabelled is None else unlabelled)
+        with self.device_placement(), torch.no_grad():
+            return self.forward(inputs, context=context)["probs"]
+
+    @staticmethod
+    def _result(timestamp, row, labels, top_k, who) -> dict[str, Any]:
+        """One segment's result dict (`row` None: another speaker's segment, not labelled)."""
+        speaker, similarity = who
+        result = {"timestamp": (round(timestamp[0], 3), round(timestamp[1], 3)), "speaker": speaker,
+                  "label": None, "score": None, "scores": {}}
+        if similarity is not None:
+            result["speaker_score"] = round(similarity, 4)
+        if row is not None:
+            ranked = sorted(zip(labels, row), key=lambda pair: pair[1], reverse=True)
             keep = {label for label, _ in ranked[: top_k or len(ranked)]}
-            yield {"timestamp": (round(timestamp[0], 3), round(timestamp[1], 3)), "label": ranked[0][0],
-                   "score": ranked[0][1], "scores": {label: p for label, p in zip(context.labels, row) if label in keep}}
+            result.update(label=ranked[0][0], score=ranked[0][1],
+                          scores={label: p for label, p in zip(labels, row) if label in keep})
+        return result
 
     def embed(self, audio, sampling_rate: Optional[int] = None, batch_size: int = 8) -> np.ndarray:
         """Utterance embeddings: one vector per clip, the pooled speech representation the model reads
@@ -473,21 +478,26 @@ class IclSpeechEmotionPipeline(Pipeline):
         audios = model_inputs["audio"]
         audios = [audios] if isinstance(audios, np.ndarray) else list(audios)
         proc = self.processor
+        extra = {}
+        if context.unlabelled is not None:  # the same speaker in every row
+            extra["unlabelled_summaries"] = [context.unlabelled.to(self.device)] * len(audios)
         if context.profile is None:
             batch = proc(query=audios, enrollment=[context.enrollment] * len(audios), labels=context.labels,
                          sampling_rate=proc.sampling_rate)
-            probs = self.model.classify(**self._ensure_tensor_on_device(dict(batch), self.device))
+            probs = self.model.classify(**self._ensure_tensor_on_device(dict(batch), self.device), **extra)
             return {"probs": probs.float()}
         # Profile: only the query line runs, on top of the cached prefix. Every query line has the
         # same tokens (num_audio_tokens placeholders), so the batch needs no padding.
         profile, query = context.profile, proc.query_ids()
-        inputs = {k: torch.from_numpy(v) for k, v in {**proc.audio_inputs(audios), **proc.candidate_inputs(context.labels)}.items()}
+        inputs = {k: torch.from_numpy(v) for k, v in proc.candidate_inputs(context.labels).items()}
         inputs["input_ids"] = torch.tensor([query] * len(audios))
         inputs["attention_mask"] = torch.ones(len(audios), len(profile.prefix_ids) + len(query), dtype=torch.long)
         inputs = self._ensure_tensor_on_device(inputs, self.device)
+        hidden, mask, _ = model_inputs.get("encoded") or self._encode(audios)  # encoded once (a recording's batch)
+        inputs.update(audio_hidden_states=hidden, audio_hidden_mask=mask)
         if profile.enrollment_context is not None:
             inputs["enrollment_context"] = profile.enrollment_context.to(self.device)[None].expand(len(audios), -1, -1)
-        probs = self.model.classify(**inputs, cache=profile.cache(len(audios), self.device))
+        probs = self.model.classify(**inputs, **extra, cache=profile.cache(len(audios), self.device))
         return {"probs": probs.float()}
 
     def postprocess(self, model_outputs: dict[str, torch.Tensor], labels: list[str], top_k: Optional[int] = None):
@@ -513,55 +523,6 @@ class IclSpeechEmotionPipeline(Pipeline):
         self.processor.save_pretrained(save_directory, **kwargs)
 
 
-def plot_emotion_timeline(segments: Sequence[dict], ax=None, labels: Optional[Sequence[str]] = None, title: str = ""):
-    """Plot each label's probability over time from long-recording results (`pipe(..., chunk_length_s=...)`).
-
-    Each segment's probabilities are drawn at its middle; a gap (segments the voice-activity gate
-    skipped) breaks the lines. Needs matplotlib (imported here, on first use).
-
-    Args:
-        segments: The segment dicts (`timestamp`, `scores`).
-        ax: A matplotlib axis to draw on (default: a new figure).
-        labels: Labels to draw (default: every label in the segments' `scores`).
-        title: Axis title.
-
-    Returns:
-        The matplotlib `Figure`.
-    """
-    import matplotlib
-
-    if ax is None:
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(10, 3.2))
-    else:
-        fig = ax.figure
-    segments = list(segments)
-    if not segments:
-        raise ValueError("No segments to plot; label a recording first: pipe(audio, chunk_length_s=4.0, ...).")
-    if labels is None:
-        labels = list(dict.fromkeys(label for seg in segments for label in seg["scores"]))
-    times, rows = [], []
-    for i, seg in enumerate(segments):
-        start, end = seg["timestamp"]
-        if i and start > segments[i - 1]["timestamp"][1]:  # a skipped stretch: break the lines
-            times.append(float("nan"))
-            rows.append([float("nan")] * len(labels))
-        times.append((start + end) / 2)
-        rows.append([seg["scores"].get(label, float("nan")) for label in labels])
-    values = np.asarray(rows, dtype=float)
-    colors = matplotlib.colormaps["tab10"]
-    for j, label in enumerate(labels):
-        ax.plot(times, values[:, j], marker=".", label=label, color=colors(j % 10))
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("probability")
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small", frameon=False)
-    fig.tight_layout()
-    return fig
-
-
 def register_pipeline() -> None:
     """Register `"icl-speech-emotion"` with `transformers.pipeline` (done on package import)."""
     PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=IclSpeechEmotionPipeline, pt_model=AutoModel,
@@ -580,5 +541,5 @@ def save_with_pipeline(model, processor, save_directory: Union[str, os.PathLike]
     )
 
 
-__all__ = ["IclSpeechEmotionPipeline", "SpeakerProfile", "plot_emotion_timeline", "register_pipeline", "save_with_pipeline",
-           "TASK"]
+__all__ = ["IclSpeechEmotionPipeline", "PROFILE_FORMAT", "SpeakerProfile", "plot_emotion_timeline", "register_pipeline",
+           "save_with_pipeline", "TASK"]

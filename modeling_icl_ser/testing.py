@@ -112,4 +112,32 @@ def tiny_icl_ser(
     return model, processor
 
 
-__all__ = ["tiny_icl_ser", "tiny_tokenizer"]
+# Formants (Hz) of six vowels, for `synthetic_speech`.
+_VOWELS = ((730, 1090, 2440), (270, 2290, 3010), (300, 870, 2240), (530, 1840, 2480), (570, 840, 2410), (660, 1720, 2410))
+
+
+def synthetic_speech(seconds: float, seed: int = 0, pitch: float = 120.0, amplitude: float = 0.3,
+                     sampling_rate: int = 16000):
+    """Vowel babble that a voice-activity detector takes for speech: a glottal pulse train at
+    `pitch` Hz (with jitter and vibrato) through three formant resonators, a new vowel every
+    200 ms with a syllable envelope, plus faint noise. float32 mono samples."""
+    import numpy as np
+    from scipy.signal import lfilter
+
+    rng = np.random.default_rng(seed)
+    n, syllable = int(round(seconds * sampling_rate)), int(0.2 * sampling_rate)
+    out = np.zeros(n)
+    for start in range(0, n, syllable):
+        m = min(syllable, n - start)
+        t = np.arange(m) / sampling_rate
+        f0 = pitch * (1 + 0.1 * rng.standard_normal()) * (1 + 0.05 * np.sin(2 * np.pi * 5 * t))
+        pulses = (np.diff(np.floor(np.cumsum(f0) / sampling_rate), prepend=0) > 0).astype(float)
+        for formant in _VOWELS[rng.integers(len(_VOWELS))]:
+            r, theta = np.exp(-np.pi * 80 / sampling_rate), 2 * np.pi * formant / sampling_rate
+            pulses = lfilter([1 - r], [1, -2 * r * np.cos(theta), r * r], pulses)
+        out[start:start + m] = pulses * np.sin(np.pi * np.arange(m) / m) ** 0.5
+    out = out / max(np.abs(out).max(), 1e-12) * amplitude
+    return (out + 0.003 * rng.standard_normal(n)).astype(np.float32)
+
+
+__all__ = ["synthetic_speech", "tiny_icl_ser", "tiny_tokenizer"]

@@ -58,13 +58,27 @@ def test_enroll_classify_save_load_and_timeline(setup):
     assert app.classify(folder, loaded, clips[1]) == pytest.approx(scores, abs=1e-5)
     zero_shot = app.classify(folder, None, clips[1])
     assert "joy" not in zero_shot and abs(sum(zero_shot.values()) - 1) < 1e-5
-    figure, rows = app.timeline(folder, profile, str(root / "long.wav"), 2.0, 0.5, True, -50.0)
+    figure, rows, summary, csv_path = app.timeline(folder, profile, str(root / "long.wav"), "fixed windows", 2.0, 0.5,
+                                                   True, -50.0)
     starts = [row[0] for row in rows]
-    assert rows and starts == sorted(starts) and all(row[2] in profile.labels for row in rows)
+    assert rows and starts == sorted(starts) and all(row[3] in profile.labels for row in rows)
     assert not any(5.0 <= row[0] and row[1] <= 8.0 for row in rows)  # the silence (4 s .. 9 s) is skipped
     assert len(figure.axes[0].get_lines()) == 3
-    _, every = app.timeline(folder, profile, str(root / "long.wav"), 2.0, 0.5, False, -50.0)
+    with open(csv_path) as handle:
+        lines = handle.read().splitlines()
+    assert lines[0] == "start,end,speaker,label,score" and len(lines) == len(rows) + 1
+    assert f"{len(rows)} segments" in summary and "%" in summary
+    _, every, _, _ = app.timeline(folder, profile, str(root / "long.wav"), "fixed windows", 2.0, 0.5, False, -50.0)
     assert len(every) > len(rows)
+    speech = root / "speech.wav"
+    import soundfile
+
+    from modeling_icl_ser.testing import synthetic_speech
+
+    soundfile.write(speech, np.concatenate([np.zeros(SR), synthetic_speech(2.0, 1), np.zeros(SR), synthetic_speech(1.5, 2),
+                                            np.zeros(SR)]), SR)
+    _, utterances, _, _ = app.timeline(folder, profile, str(speech), "utterances (VAD)", 2.0, 0.5, True, -50.0)
+    assert len(utterances) == 2 and abs(utterances[0][0] - 1.0) < 0.25
 
 
 @pytest.mark.parametrize(
@@ -88,10 +102,14 @@ def test_enroll_classify_save_load_and_timeline(setup):
          "different checkpoint"),
         (lambda root, clips: app_module().classify(str(root / "model"), None, None), "Upload or record"),
         (lambda root, clips: app_module().classify(str(root / "model"), None, str(root / "silent.wav")), "silent"),
-        (lambda root, clips: app_module().timeline(str(root / "model"), None, str(root / "long.wav"), 2.0, 2.0, True, -50),
+        (lambda root, clips: app_module().timeline(str(root / "model"), None, str(root / "long.wav"), "fixed windows", 2.0, 2.0,
+                                                   True, -50),
          "must be smaller than chunk_length_s"),
-        (lambda root, clips: app_module().timeline(str(root / "model"), None, str(root / "silent.wav"), 2.0, 0.5, True, -50),
+        (lambda root, clips: app_module().timeline(str(root / "model"), None, str(root / "silent.wav"), "utterances (VAD)", 2.0,
+                                                   0.5, True, -50),
          "No speech found"),
+        (lambda root, clips: app_module().timeline(str(root / "model"), None, str(root / "long.wav"), "utterances (VAD)",
+                                                   2.0, 0.5, True, -50, True), "needs an enrolled speaker"),
     ],
 )
 def test_bad_input_is_a_message_on_the_page(setup, action, match):

@@ -1,4 +1,5 @@
-"""The demo page (app.py) driven end to end in headless Chromium: enroll a speaker, classify a clip.
+"""The demo page (app.py) driven end to end in headless Chromium: enroll a speaker, classify a clip,
+label a long recording (segments, timeline plot, summary, CSV download).
 
 Needs the [demo] extra (gradio), selenium ([dev]) and Debian's chromium + chromium-driver (`.ci/run`
 installs them); skips cleanly without any of them. Serves on 127.0.0.1 only; about 20-40 s.
@@ -50,6 +51,13 @@ def served(tmp_path_factory):
         path = root / f"clip{i}.wav"
         soundfile.write(path, (0.3 * np.sin(2 * np.pi * freq * t) * (1 + 0.3 * np.sin(6 * t))).astype(np.float32), SR)
         clips.append(str(path))
+    from modeling_icl_ser.testing import synthetic_speech
+
+    silence = np.zeros(SR, np.float32)
+    long = np.concatenate([silence, synthetic_speech(2.0, 1), silence, synthetic_speech(1.5, 2, pitch=180), silence,
+                           synthetic_speech(2.5, 3), silence])
+    soundfile.write(root / "call.wav", long, SR)
+    clips.append(str(root / "call.wav"))
     demo = app.build_demo(str(root / "model"))
     port = _free_port()
     _, url, _ = app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
@@ -109,3 +117,28 @@ def test_enroll_and_classify_in_the_browser(served, browser):
     assert set(bars) == set(LABELS), shown  # exactly the enrolled candidates, never the model's vocabulary
     assert top in LABELS and bars[top] == max(bars.values()), shown
     assert abs(sum(bars.values()) - 100) <= 2, shown  # rounded probabilities
+
+
+def test_long_recording_tab_shows_segments_plot_and_csv(served, browser):
+    url, clips = served
+    wait = WebDriverWait(browser, 60)
+    browser.get(url)
+    wait.until(lambda d: "Model loaded" in _text(d, "model_status"))
+    next(tab for tab in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if "long recording" in tab.text).click()
+    _upload(browser, wait, "long_audio", clips[4])
+    browser.find_element(By.ID, "timeline").click()
+    wait.until(lambda d: "segments" in _text(d, "timeline_summary"))
+    assert _text(browser, "timeline_summary").startswith("3 segments"), _text(browser, "timeline_summary")
+    table = _text(browser, "segments_table")
+    assert "start (s)" in table and "speaker" in table
+    numbers = []
+    for line in table.split("\n"):
+        try:
+            numbers.append(float(line))
+        except ValueError:
+            pass
+    assert len(numbers) == 9, table  # start, end and score of 3 segments
+    assert abs(numbers[0] - 1.0) < 0.25 and numbers[1] < numbers[3], table  # the first utterance starts after 1 s
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#timeline_plot img, #timeline_plot svg, #timeline_plot canvas"))
+    link = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#segments_csv a"))[0]
+    assert link.get_attribute("href") and "segments.csv" in link.text + link.get_attribute("href")

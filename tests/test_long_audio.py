@@ -116,7 +116,7 @@ def test_stream_reads_a_file_lazily(pipe, recording, tmp_path, monkeypatch):
     reads = []
     original = audio_utils.Recording.read
     monkeypatch.setattr(audio_utils.Recording, "read", lambda self, a, b: reads.append(b - a) or original(self, a, b))
-    stream = pipe.stream(str(path), chunk_length_s=2.0, stride_length_s=0.0, batch_size=2)
+    stream = pipe.stream(str(path), chunk_length_s=2.0, stride_length_s=0.0, batch_size=2, unlabelled=None)
     assert reads == []  # nothing read before the first next()
     first = next(stream)
     assert first["timestamp"] == (0.0, 2.0)
