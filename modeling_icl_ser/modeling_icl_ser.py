@@ -396,7 +396,8 @@ class IclSerForConditionalGeneration(IclSerScoringMixin, IclSerSpeakerContextMix
 
         def add(module, args, output):
             if output.shape[:2] != positions.shape:
-                raise RuntimeError(f"read-out positions {tuple(positions.shape)} do not match the LM's {tuple(output.shape[:2])}.")
+                raise RuntimeError(f"read-out positions {tuple(positions.shape)} do not match the LM's "
+                                   f"{tuple(output.shape[:2])}.")
             return output + positions[..., None].to(output.dtype) * delta[:, None, :].to(output.dtype)
 
         handle = norm.register_forward_hook(add)
