@@ -902,11 +902,10 @@ def fit_model_si_route(model, processor, data, table, args) -> dict:
     rows = {split: [row for row in table if row["speaker"] in members] for split, members in speakers.items()}
     train, validation = (summarize_utterances(data.encoded, rows[split], data.labels, data.label_sets)
                          for split in ("train", "validation"))
-    with _torch.no_grad():
-        label_ids = [processor.answer_ids(label) for label in data.labels]
-        width = max(len(ids) for ids in label_ids)
-        padded = _torch.tensor([ids + [-100] * (width - len(ids)) for ids in label_ids])
-        label_embeds = model._label_embeddings(padded).float()
+    with _torch.no_grad():  # the labels embedded as classify embeds its candidates
+        cands = processor.candidate_inputs(data.labels)
+        label_embeds = model._candidate_embeddings(_torch.tensor(cands["candidate_input_ids"])[None],
+                                                   _torch.tensor(cands["candidate_attention_mask"])[None])[0]
     report = fit_si_route(model.speaker_routes, label_embeds, train, validation, model.config.speaker_variance_floor,
                           SiRouteFitting(seed=args.seed))
     model.config.si_route_loss_coef = 0.0  # fixed from here on: the LM loss alone trains the rest

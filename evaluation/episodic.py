@@ -187,8 +187,6 @@ def unlabelled_summaries(episodes: Sequence[Mapping[str, Any]], encoded: Optiona
                          device: Union[str, torch.device] = "cpu") -> Optional[list[Optional[torch.Tensor]]]:
     """Per episode, the ``(U, F)`` summaries of its ``unlabelled_ids`` (None without any); None
     when no episode has unlabelled speech."""
-    from modeling_icl_ser.readout import IclSerContextReadout
-
     if not any(episode.get("unlabelled_ids") for episode in episodes):
         return None
     if encoded is None:
@@ -196,10 +194,16 @@ def unlabelled_summaries(episodes: Sequence[Mapping[str, Any]], encoded: Optiona
     rows = []
     for episode in episodes:
         ids = episode.get("unlabelled_ids") or []
-        rows.append(torch.stack([IclSerContextReadout.summarize(encoded[i][None].float(),
-                                                                torch.ones(1, len(encoded[i]), dtype=torch.bool))[0]
-                                 for i in ids]).to(device) if ids else None)
+        rows.append(torch.stack([utterance_summary(encoded[i]) for i in ids]).to(device) if ids else None)
     return rows
+
+
+def utterance_summary(frames: torch.Tensor) -> torch.Tensor:
+    """The model's summary vector (`IclSerContextReadout.summarize`: mean and std) of one
+    utterance's cached `(T, D)` encoder frames."""
+    from modeling_icl_ser.readout import IclSerContextReadout
+
+    return IclSerContextReadout.summarize(frames[None].float(), torch.ones(1, len(frames), dtype=torch.bool))[0]
 
 
 def with_audio_paths(episodes: "datasets.Dataset", utterances: "datasets.Dataset") -> "datasets.Dataset":

@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from dataset_builder import parse_corpora, read_corpora, split_corpora, split_episodes
+from dataset_builder.feature_cache import write_atomically
 from dataset_builder.multi import corpus_of
 from dataset_builder.synthetic import default_cache_root
 
@@ -152,7 +153,7 @@ def choose_out_of_domain_weights(folds: dict, step: float, exclude: Optional[str
 
 
 def write_json_atomically(path: Path, value: Any) -> None:
+    """``value`` as JSON at ``path``, never half-written (``dataset_builder.feature_cache.write_atomically``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
-    temporary.replace(path)
+    text = json.dumps(value, indent=2) + "\n"
+    write_atomically(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from modeling_icl_ser.modeling_icl_ser import IclSerContextReadout, speaker_standardize
+from evaluation.episodic import utterance_summary
+from modeling_icl_ser.speaker_routes import speaker_standardize
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +93,7 @@ def summarize_utterances(encoded, rows: Sequence[Mapping], labels: Sequence[str]
     rows = [row for row in rows if row["emotion"] in index]
     if not rows:
         raise ValueError(f"No utterance has a label in {list(labels)}; the SI route has nothing to fit.")
-    summaries = torch.stack([IclSerContextReadout.summarize(encoded[row["id"]][None].float(),
-                                                            torch.ones(1, len(encoded[row["id"]]), dtype=torch.bool))[0]
-                             for row in rows])
+    summaries = torch.stack([utterance_summary(encoded[row["id"]]) for row in rows])
     candidates = torch.zeros(len(rows), len(labels), dtype=torch.bool)
     for i, row in enumerate(rows):
         own = candidate_sets.get(corpus_of(row["speaker"])) if candidate_sets else None
