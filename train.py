@@ -102,6 +102,9 @@ class TrainingArguments:
     speaker_normalization: bool = field(default=option_default("speaker_normalization"), metadata={"help":
             "Standardize utterance summaries by the speaker's enrollment (label-free speaker normalization) before the read-out"
             " and the routes (IclSerConfig.speaker_normalization)."})
+    speaker_normalized_audio_tokens: bool = field(default=option_default("speaker_normalized_audio_tokens"), metadata={"help":
+            "Standardize the LM's audio input (the projector's pooled segments) by the same speaker statistics "
+            "(IclSerConfig.speaker_normalized_audio_tokens; needs --speaker_normalization)."})
     si_route: bool = field(default=option_default("si_route"), metadata={"help":
             "Add the speaker-independent route (summary → label-word embeddings), trained beside the LM loss "
             "(IclSerConfig.si_route)."})
@@ -255,7 +258,8 @@ def model_options(args: TrainingArguments) -> dict[str, Any]:
                "audio_feature_layer": args.audio_feature_layer or None, "audio_token_dropout": args.audio_token_dropout,
                "context_readout_heads": args.context_readout_heads, "context_readout_dim": args.context_readout_dim,
                "context_readout_dropout": args.context_readout_dropout,
-               "speaker_normalization": args.speaker_normalization, "si_route": args.si_route,
+               "speaker_normalization": args.speaker_normalization,
+               "speaker_normalized_audio_tokens": args.speaker_normalized_audio_tokens, "si_route": args.si_route,
                "si_route_loss_coef": args.si_route_loss_coef}
     options.update({name: getattr(args, name) for name in ("enrollment_template", "query_template")
                     if getattr(args, name) is not None})

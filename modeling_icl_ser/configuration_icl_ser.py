@@ -136,6 +136,11 @@ class IclSerRouteOptions:
                "speaker: the enrollment utterances plus any unlabelled speech of the speaker (per-dimension mean; with "
                "2 or more utterances also the standard deviation, floored at `speaker_variance_floor` × its mean), "
                "before the read-out and the routes; labels are not needed. Without either the summaries stay as they are.")
+    speaker_normalized_audio_tokens: bool = _option(
+        False, "Feed the LM speaker-normalized speech too: the projector's pooled segments (mean and std of their "
+               "frames) are standardized by the same speaker statistics as the summaries (`speaker_normalization`), "
+               "so the LM compares a query with its enrollment after the speaker's offset is removed. Rows without "
+               "statistics (K = 0 and no unlabelled speech) stay as they are. Needs `speaker_normalization`.")
     speaker_variance_floor: float = _option(
         0.01, "Floor of the enrollment variance, as a share of its mean over dimensions (a dimension on which a few "
               "utterances happen to agree must not dominate).")
@@ -166,6 +171,9 @@ class IclSerRouteOptions:
         if float(self.speaker_variance_floor) < 0 or float(self.prototype_temperature) <= 0:
             raise ValueError(f"speaker_variance_floor must be >= 0 and prototype_temperature > 0, got "
                              f"{self.speaker_variance_floor} and {self.prototype_temperature}.")
+        if self.speaker_normalized_audio_tokens and not self.speaker_normalization:
+            raise ValueError("speaker_normalized_audio_tokens standardizes the LM's audio input by the speaker statistics "
+                             "of speaker_normalization; set speaker_normalization=True too.")
         checked = [(name, getattr(self, name)) for name in ("route_weights", "route_weights_without_enrollment")]
         if self.route_weights_by_k is not None:
             if not isinstance(self.route_weights_by_k, dict) or not all(str(k).isdigit() for k in self.route_weights_by_k):

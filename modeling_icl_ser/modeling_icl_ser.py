@@ -340,7 +340,9 @@ class IclSerForConditionalGeneration(IclSerScoringMixin, IclSerSpeakerContextMix
         for training) are given."""
         n_audio = self._count_audios(input_features, audio_hidden_states)
         placeholders = self._check_placeholders(input_ids, n_audio)
-        if self.context_readout is not None or self.speaker_routes is not None:
+        uses_rows = (self.context_readout is not None or self.speaker_routes is not None
+                     or bool(self.config.speaker_normalized_audio_tokens))
+        if uses_rows:
             self._check_audio_labels(audio_label_ids, n_audio)  # before any encoder work
         # The placeholder id may lie outside the LM vocabulary: look up a valid id instead.
         embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
@@ -356,13 +358,14 @@ class IclSerForConditionalGeneration(IclSerScoringMixin, IclSerSpeakerContextMix
         if (hidden_mask.sum(-1) == 0).any():
             raise ValueError("An audio has no valid encoder frames; every utterance needs at least one frame.")
         hidden, hidden_mask = hidden.to(embeds.device), hidden_mask.to(embeds.device)
-        audio_tokens = self.projector(hidden, hidden_mask)
-        audio_tokens = audio_tokens * self._text_embedding_rms()
         readout_loss = row_readout = after = speaker_rows = None
         readout_loss_rows = 0
-        if self.context_readout is not None or self.speaker_routes is not None:
+        if uses_rows:
             speaker_rows, labelled = self._speaker_rows(placeholders, hidden, hidden_mask, audio_label_ids, enrollment_context,
                                                         unlabelled_summaries)
+        shift, scale = self._audio_statistics(speaker_rows, hidden)
+        audio_tokens = self.projector(hidden, hidden_mask, shift, scale)
+        audio_tokens = audio_tokens * self._text_embedding_rms()
         if self.context_readout is not None:
             readout, (readout_loss, readout_loss_rows) = self._read_enrollment(
                 speaker_rows, labelled, audio_label_ids, enrollment_context, query_answers
@@ -380,6 +383,20 @@ class IclSerForConditionalGeneration(IclSerScoringMixin, IclSerSpeakerContextMix
         # Row-major order of the placeholders = sample after sample, audio after audio.
         embeds = embeds.masked_scatter(placeholders[..., None], audio_tokens.to(embeds.dtype))
         return EmbeddedPrompt(embeds, readout_loss, row_readout, after, readout_loss_rows, speaker_rows)
+
+    def _audio_statistics(self, speaker_rows: Optional[list], hidden: torch.Tensor) -> tuple:
+        """Per audio, its speaker's `(shift, scale)` for the projector (`speaker_normalized_audio_tokens`),
+        as `(n_audio, 2D)` tensors (zeros and ones for rows without statistics); `(None, None)` when off."""
+        if not self.config.speaker_normalized_audio_tokens or speaker_rows is None:
+            return None, None
+        width = 2 * hidden.shape[-1]
+        shift = torch.zeros(hidden.shape[0], width, device=hidden.device)
+        scale = torch.ones(hidden.shape[0], width, device=hidden.device)
+        for row in speaker_rows:
+            if row.statistics is not None:
+                audios = torch.cat([row.queries, row.enrolled])
+                shift[audios], scale[audios] = row.statistics[0].to(shift.device), row.statistics[1].to(scale.device)
+        return shift, scale
 
     @contextlib.contextmanager
     def _readout_on_output(self, positions: Optional[torch.Tensor], row_readout: Optional[torch.Tensor]):
@@ -444,6 +461,9 @@ class IclSerForConditionalGeneration(IclSerScoringMixin, IclSerSpeakerContextMix
         num_enrolled_queries_in_batch: Optional[int] = None,
         num_queries_in_batch: Optional[int] = None,
         unlabelled_summaries: Optional[list] = None,
+        unlabelled_input_features: Optional[torch.Tensor] = None,
+        unlabelled_feature_attention_mask: Optional[torch.Tensor] = None,
+        unlabelled_row_index: Optional[torch.LongTensor] = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""Language-model pass with the audio tokens spliced in.
@@ -481,6 +501,9 @@ class IclSerForConditionalGeneration(IclSerScoringMixin, IclSerSpeakerContextMix
                 (`utterance_embeddings`) of other, unlabelled speech of that row's speaker: speaker
                 normalization standardizes by the enrollment plus these; the prototype route and
                 the read-out still use the labelled enrollment only.
+            unlabelled_input_features / unlabelled_feature_attention_mask / unlabelled_row_index:
+                the same speech as audio features, as `processor(..., unlabelled=...)` returns
+                them (each clip's row in `unlabelled_row_index`), instead of `unlabelled_summaries`.
 
         Raises:
             ValueError: placeholder count ≠ `num_audio_tokens` × number of audios, or both
@@ -490,6 +513,9 @@ class IclSerForConditionalGeneration(IclSerScoringMixin, IclSerSpeakerContextMix
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("Pass input_ids (or inputs_embeds).")
+            unlabelled_summaries = self.unlabelled_from_features(
+                unlabelled_summaries, unlabelled_input_features, unlabelled_feature_attention_mask, unlabelled_row_index,
+                input_ids.shape[0])
             if labels is not None and ((self.context_readout is not None and self.config.context_readout_loss_coef)
                                        or (self.speaker_routes is not None and self.config.si_route_loss_coef)):
                 answers = self._query_answers(labels)
@@ -577,7 +603,8 @@ class IclSerForConditionalGeneration(IclSerScoringMixin, IclSerSpeakerContextMix
         kwargs.pop("candidate_attention_mask", None)
         if not is_first_iteration and kwargs.get("use_cache", True):
             for key in ("input_features", "feature_attention_mask", "audio_hidden_states", "audio_hidden_mask",
-                        "audio_label_ids", "enrollment_context", "unlabelled_summaries"):
+                        "audio_label_ids", "enrollment_context", "unlabelled_summaries", "unlabelled_input_features",
+                        "unlabelled_feature_attention_mask", "unlabelled_row_index"):
                 kwargs.pop(key, None)
         return super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
 

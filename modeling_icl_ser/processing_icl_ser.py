@@ -127,6 +127,7 @@ class IclSerProcessor(ProcessorMixin):
         return_tensors: Optional[str] = "pt",
         label_enrollment: bool = False,
         row_labels: Optional[Sequence[Sequence[str]]] = None,
+        unlabelled: Optional[Sequence] = None,
     ) -> BatchFeature:
         """Build a batch for `forward`, `classify` and `generate`.
 
@@ -145,12 +146,16 @@ class IclSerProcessor(ProcessorMixin):
             row_labels: One candidate list per sample (e.g. episodes of several corpora in one
                 training batch): each sample's instruction lists its own, and its enrollment
                 labels and answer must be among them; `labels` stays what `classify` scores.
+            unlabelled: Other clips of the query's speaker, without labels (a list of audios; for
+                a batched call one such list, or None, per query). Speaker normalization takes
+                its statistics from the enrollment plus these; they add no prompt tokens.
 
         Returns:
             `BatchFeature` with `input_ids`, `attention_mask` (left-padded), `input_features`,
             `feature_attention_mask`, `audio_label_ids` (each audio's label tokens; see
-            `audio_label_ids`), `candidate_input_ids`, `candidate_attention_mask` and, with
-            `answer`, `labels`.
+            `audio_label_ids`), `candidate_input_ids`, `candidate_attention_mask`, with `answer`,
+            `labels` and, with `unlabelled`, `unlabelled_input_features`,
+            `unlabelled_feature_attention_mask` and `unlabelled_row_index` (each clip's sample).
 
         Raises:
             ValueError: bad structure, labels or audio, before any feature extraction.
@@ -159,9 +164,52 @@ class IclSerProcessor(ProcessorMixin):
         candidates = self._check_labels(self.labels if labels is None else list(labels), "labels")
         rows = self._check_row_labels(row_labels, len(queries))
         enroll_labels = self._check_enrollment_labels(enrollments, answers, candidates, rows)
+        unlabelled_rows = self._check_unlabelled(unlabelled, len(queries), isinstance(query, (list, tuple)))
         audios = self._load_audios(queries, enrollments, sampling_rate)
+        extra = self._unlabelled_inputs(unlabelled_rows, sampling_rate)
         text = self.text_inputs(enroll_labels, answers, candidates, label_enrollment, rows)
-        return BatchFeature({**text, **self.audio_inputs(audios)}, tensor_type=return_tensors)
+        return BatchFeature({**text, **self.audio_inputs(audios), **extra}, tensor_type=return_tensors)
+
+    @staticmethod
+    def _check_unlabelled(unlabelled, n_samples: int, batched: bool) -> Optional[list[list]]:
+        """`unlabelled` as one list of clips per sample (None when not given); ValueError on a bad shape."""
+        if unlabelled is None:
+            return None
+        if isinstance(unlabelled, (str, dict, np.ndarray, torch.Tensor)) or not isinstance(unlabelled, (list, tuple)):
+            raise ValueError(f"unlabelled must be a list of audio clips of the speaker (no labels), got "
+                             f"{type(unlabelled).__name__}; e.g. unlabelled=['call1.wav', 'call2.wav'].")
+        per_sample = list(unlabelled) if batched else [unlabelled]
+        if batched and len(per_sample) != n_samples:
+            raise ValueError(f"Batched call: unlabelled must be a list with one list of clips (or None) per query "
+                             f"({n_samples}), got {len(per_sample)}.")
+        checked = []
+        for i, clips in enumerate(per_sample):
+            clips = [] if clips is None else clips
+            if isinstance(clips, (str, dict, np.ndarray, torch.Tensor)) or not isinstance(clips, (list, tuple)):
+                raise ValueError(f"unlabelled of sample {i} must be a list of audio clips of the speaker (no labels), "
+                                 f"got {type(clips).__name__}; e.g. unlabelled=[['call1.wav'], None] for two queries.")
+            if any(isinstance(clip, tuple) and len(clip) == 2 and isinstance(clip[1], str) for clip in clips):
+                raise ValueError(f"unlabelled of sample {i} takes audio clips without labels; pass labelled "
+                                 "(audio, label) pairs as enrollment= instead.")
+            checked.append(list(clips))
+        return checked
+
+    def _unlabelled_inputs(self, per_sample: Optional[list[list]], sampling_rate) -> dict[str, np.ndarray]:
+        """Features of every unlabelled clip, padded among themselves, and each clip's sample."""
+        if per_sample is None or not any(per_sample):
+            return {}
+        audios, index = [], []
+        for i, clips in enumerate(per_sample):
+            for j, clip in enumerate(clips):
+                try:
+                    audios.append(load_audio(clip, sampling_rate, self.sampling_rate, self.audio_limit_seconds))
+                except ValueError as error:
+                    raise ValueError(f"unlabelled audio {j} of sample {i}: {error}") from None
+                index.append(i)
+        inputs = self.audio_inputs(audios)
+        return {"unlabelled_input_features": inputs["input_features"],
+                "unlabelled_feature_attention_mask": inputs["feature_attention_mask"],
+                "unlabelled_row_index": np.array(index, dtype=np.int64)}
 
     # ------------------------------------------------------------------------ validation
     def _normalize_batch(self, query, enrollment, answer) -> tuple[list, list[list], list[Optional[str]]]:

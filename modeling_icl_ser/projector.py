@@ -1,5 +1,7 @@
 """The projector: each utterance's encoder frames become `num_audio_tokens` tokens in the LM's width."""
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -60,9 +62,16 @@ class IclSerProjector(nn.Module):
         """Masked mean (and std) per segment: (N, T, D) → (N, S, D or 2D), in float32."""
         return masked_mean_std(hidden, mask, self.segment_weights(mask), self.use_std)
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(N, T, D) encoder frames + (N, T) mask → (N, num_audio_tokens, LM width)."""
-        pooled = self.dropout(self.input_norm(self.pool(hidden, mask).to(self.linear_1.weight.dtype)))
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, shift: Optional[torch.Tensor] = None,
+                scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(N, T, D) encoder frames + (N, T) mask → (N, num_audio_tokens, LM width). With `(N, 2D)`
+        `shift` and `scale` (a speaker's statistics per audio, `speaker_normalized_audio_tokens`),
+        each pooled segment is standardized by them first."""
+        pooled = self.pool(hidden, mask)
+        if shift is not None:
+            width = pooled.shape[-1]  # mean-only pooling uses the mean half of the statistics
+            pooled = (pooled - shift[:, None, :width].float()) / scale[:, None, :width].float()
+        pooled = self.dropout(self.input_norm(pooled.to(self.linear_1.weight.dtype)))
         return self.output_norm(self.linear_2(self.act(self.linear_1(pooled))))
 
 

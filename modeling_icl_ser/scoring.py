@@ -35,6 +35,9 @@ class IclSerScoringMixin:
         cache: Optional[Cache] = None,
         return_routes: bool = False,
         unlabelled_summaries: Optional[list] = None,
+        unlabelled_input_features: Optional[torch.Tensor] = None,
+        unlabelled_feature_attention_mask: Optional[torch.Tensor] = None,
+        unlabelled_row_index: Optional[torch.LongTensor] = None,
         **unused,
     ) -> Union[torch.Tensor, dict]:
         """Closed-set probabilities of the candidate labels for each sample.
@@ -64,7 +67,8 @@ class IclSerScoringMixin:
                 mixture for any `route_weights` (train.py chooses them this way).
             unlabelled_summaries: Per row, None or `(U, F)` raw summaries (`utterance_embeddings`)
                 of unlabelled speech of the row's speaker, added to its speaker statistics (see
-                `forward`).
+                `forward`); or that speech as the processor's `unlabelled_input_features`,
+                `unlabelled_feature_attention_mask` and `unlabelled_row_index`.
 
         Returns:
             `(batch, n_labels)` probabilities (rows sum to 1), in the candidates' order: the LM's,
@@ -96,6 +100,9 @@ class IclSerScoringMixin:
         cand_ids = cands.masked_fill(cand_mask == 0, 0).reshape(batch, -1)[:, kept]  # pads: any valid id
         cand_of, token_of = kept // cand_len, kept % cand_len
 
+        unlabelled_summaries = self.unlabelled_from_features(
+            unlabelled_summaries, unlabelled_input_features, unlabelled_feature_attention_mask, unlabelled_row_index,
+            input_ids.shape[0])
         prompt = self._embed_with_audio(
             input_ids, input_features, feature_attention_mask, audio_hidden_states, audio_hidden_mask,
             audio_label_ids, enrollment_context, unlabelled_summaries=unlabelled_summaries)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .readout import IclSerContextReadout
-from .speaker_routes import NORMALIZED_ENROLLMENT_MIN_K, SpeakerRow, speaker_standardize
+from .speaker_routes import NORMALIZED_ENROLLMENT_MIN_K, SpeakerRow, speaker_standardize, speaker_statistics
 
 
 class IclSerSpeakerContextMixin:
@@ -72,6 +72,31 @@ class IclSerSpeakerContextMixin:
         labels = self._label_embeddings(audio_label_ids.to(hidden.device)).float()
         return torch.cat([summaries, labels], dim=-1)
 
+    def unlabelled_from_features(
+        self,
+        unlabelled_summaries: Optional[list],
+        unlabelled_input_features: Optional[torch.Tensor],
+        unlabelled_feature_attention_mask: Optional[torch.Tensor],
+        unlabelled_row_index: Optional[torch.Tensor],
+        n_rows: int,
+    ) -> Optional[list]:
+        """Per row, the `(U, F)` summaries of its unlabelled clips from the processor's
+        `unlabelled_input_features` (`processor(..., unlabelled=...)`; `unlabelled_row_index` says
+        whose clip each is); `unlabelled_summaries` unchanged when no features are given."""
+        if unlabelled_input_features is None:
+            return unlabelled_summaries
+        if unlabelled_summaries is not None:
+            raise ValueError("Pass the unlabelled speech once: unlabelled_input_features (from the processor) or "
+                             "unlabelled_summaries (from utterance_embeddings), not both.")
+        if unlabelled_row_index is None or len(unlabelled_row_index) != len(unlabelled_input_features):
+            raise ValueError("unlabelled_input_features need unlabelled_row_index, the row of each clip; build both with "
+                             "processor(..., unlabelled=...).")
+        index = torch.as_tensor(unlabelled_row_index).long()
+        if len(index) and (int(index.min()) < 0 or int(index.max()) >= n_rows):
+            raise ValueError(f"unlabelled_row_index must name rows 0..{n_rows - 1} of the batch, got {index.tolist()}.")
+        summaries = self.utterance_embeddings(unlabelled_input_features, unlabelled_feature_attention_mask)
+        return [summaries[index == row] if bool((index == row).any()) else None for row in range(n_rows)]
+
     def _speaker_rows(
         self,
         placeholders: torch.Tensor,
@@ -124,7 +149,8 @@ class IclSerSpeakerContextMixin:
                 query_summaries = speaker_standardize(query_summaries, stats, floor)
                 memory_summaries = speaker_standardize(memory, stats, floor)
             rows.append(SpeakerRow(queries, enrolled, bool(count) and not bool(labelled[index[-1]]), memory, memory_labels,
-                                   query_summaries, memory_summaries, len(stats) > 0))
+                                   query_summaries, memory_summaries, len(stats) > 0,
+                                   speaker_statistics(stats, floor) if normalize else None))
         return rows, labelled
 
     def _read_enrollment(

@@ -10,19 +10,28 @@ from torch import nn
 from .configuration_icl_ser import IclSerConfig
 
 
+def speaker_statistics(enrollment: torch.Tensor, variance_floor: float) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """`(shift, scale)`, each `(F,)`, that `speaker_standardize` applies for these `(K, F)` summaries
+    of one speaker: their mean, and (K >= 2) the floored standard deviation, else ones. None for K = 0."""
+    if len(enrollment) == 0:
+        return None
+    enrollment = enrollment.float()
+    if len(enrollment) < 2:
+        return enrollment.mean(0), torch.ones_like(enrollment[0])
+    var = enrollment.var(0, unbiased=False)
+    return enrollment.mean(0), torch.sqrt(var + variance_floor * var.mean() + 1e-8)
+
+
 def speaker_standardize(summaries: torch.Tensor, enrollment: torch.Tensor, variance_floor: float) -> torch.Tensor:
     """Label-free speaker normalization: `(N, F)` summaries standardized by the `(K, F)` summaries
     of the same speaker's enrollment utterances. K = 0 returns them unchanged; K = 1 subtracts the
     one utterance; K >= 2 also divides by the per-dimension standard deviation, whose variance is
     floored at `variance_floor` × its mean over dimensions."""
-    if len(enrollment) == 0:
+    statistics = speaker_statistics(enrollment, variance_floor)
+    if statistics is None:
         return summaries
-    enrollment = enrollment.float()
-    centered = summaries.float() - enrollment.mean(0)
-    if len(enrollment) < 2:
-        return centered
-    var = enrollment.var(0, unbiased=False)
-    return centered / torch.sqrt(var + variance_floor * var.mean() + 1e-8)
+    shift, scale = statistics
+    return (summaries.float() - shift) / scale
 
 
 def match_labels(label_embeds: torch.Tensor, candidate_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,6 +78,7 @@ class SpeakerRow:
             `memory_summaries` likewise for `memory`.
         has_statistics: The row has speaker statistics (enrollment or unlabelled speech), so the
             SI route reads its normalized head.
+        statistics: Those statistics as `speaker_statistics`' `(shift, scale)` (None without any).
     """
 
     queries: torch.Tensor
@@ -79,6 +89,7 @@ class SpeakerRow:
     query_summaries: torch.Tensor
     memory_summaries: torch.Tensor
     has_statistics: bool = False
+    statistics: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
 
 class IclSerSpeakerRoutes(nn.Module):
@@ -108,4 +119,4 @@ class IclSerSpeakerRoutes(nn.Module):
 
 
 __all__ = ["NORMALIZED_ENROLLMENT_MIN_K", "IclSerSpeakerRoutes", "SpeakerRow", "match_labels",
-           "prototype_probabilities", "speaker_standardize"]
+           "prototype_probabilities", "speaker_standardize", "speaker_statistics"]

@@ -242,3 +242,34 @@ def test_unlabelled_speech_sets_the_speaker_statistics(routed_model, make_audio)
     assert torch.isnan(with_u["prototype"]).all()  # no labels, no prototypes
     with pytest.raises(ValueError, match="one \\(U, F\\) tensor or None per row"):
         model.classify(**batch, unlabelled_summaries=[vectors[1:], None])
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_speaker_normalized_audio_tokens_remove_a_speaker_offset_from_the_lm_input(make_audio, monkeypatch, k):
+    """With `speaker_normalized_audio_tokens` the LM reads speech standardized by the speaker's
+    statistics: a constant offset on every encoder frame of the speaker (a voice or channel shift)
+    leaves the LM's answer unchanged; without it the LM's answer moves."""
+    query, enrollment = make_audio(1.1, seed=78), _enrollment(make_audio, k, seed=3)
+    offset = torch.linspace(-2.0, 3.0, 32)  # the tiny encoder's width
+
+    def lm_route(model, processor, shifted):
+        original = type(model).get_audio_features
+        if shifted:
+            monkeypatch.setattr(model, "get_audio_features", lambda *a, **kw: (
+                lambda out: (out[0] + offset.to(out[0].dtype), out[1]))(original(model, *a, **kw)))
+        batch = processor(query=query, enrollment=enrollment, sampling_rate=SR)
+        with torch.no_grad():
+            probabilities = model.classify(**batch, return_routes=True)["lm"]
+        monkeypatch.undo()
+        return probabilities
+
+    model, processor = tiny_icl_ser(seed=6, speaker_normalization=True, si_route=True, speaker_normalized_audio_tokens=True)
+    assert model.get_audio_features(torch.zeros(1, 80, 300))[0].shape[-1] == offset.numel()
+    torch.testing.assert_close(lm_route(model, processor, True), lm_route(model, processor, False), atol=1e-4, rtol=0)
+    plain, plain_processor = tiny_icl_ser(seed=6, speaker_normalization=True, si_route=True)
+    assert not torch.allclose(lm_route(plain, plain_processor, True), lm_route(plain, plain_processor, False), atol=1e-3)
+
+
+def test_speaker_normalized_audio_tokens_need_speaker_normalization():
+    with pytest.raises(ValueError, match="speaker_normalization=True"):
+        IclSerConfig(speaker_normalized_audio_tokens=True, speaker_normalization=False)

@@ -85,3 +85,41 @@ def test_bad_unlabelled_input_is_refused_like_enrollment(routed, unlabelled, mes
     _, _, pipe = routed
     with pytest.raises(ValueError, match=message):
         pipe.enroll(None, sampling_rate=SR, unlabelled=unlabelled)
+
+
+def test_processor_unlabelled_gives_the_routes_of_the_summaries(routed):
+    """`processor(..., unlabelled=clips)` carries the clips as audio features; `classify` (and
+    `forward`) summarize them itself, with the same routes as `unlabelled_summaries=`."""
+    model, processor, pipe = routed
+    queries = [synthetic_speech(0.9, seed=41), synthetic_speech(1.1, seed=42)]
+    enrollment = [[(synthetic_speech(0.7, seed=60), "anger"), (synthetic_speech(0.8, seed=61), "sadness")], []]
+    clips = _clips(3, seed=20)
+    batch = processor(query=queries, enrollment=enrollment, unlabelled=[clips, None], sampling_rate=SR)
+    assert batch["unlabelled_row_index"].tolist() == [0, 0, 0]
+    assert batch["unlabelled_input_features"].shape[0] == 3
+    via_features = model.classify(**batch, return_routes=True)
+    plain = {k: v for k, v in batch.items() if not k.startswith("unlabelled_")}
+    summaries = [torch.from_numpy(pipe.embed(clips, sampling_rate=SR)), None]
+    via_summaries = model.classify(**plain, return_routes=True, unlabelled_summaries=summaries)
+    without = model.classify(**plain, return_routes=True)
+    for name in ("si", "prototype"):
+        torch.testing.assert_close(via_features[name], via_summaries[name], atol=1e-5, rtol=0, equal_nan=True)
+    assert not torch.allclose(via_features["si"][0], without["si"][0], atol=1e-4)  # row 0 has new statistics
+    torch.testing.assert_close(via_features["si"][1], without["si"][1])  # row 1 has none
+    loss = model(**processor(query=queries[0], enrollment=enrollment[0], answer="anger", unlabelled=clips,
+                             sampling_rate=SR)).loss
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="not both"):
+        model.classify(**batch, unlabelled_summaries=summaries)
+
+
+@pytest.mark.parametrize("unlabelled, message", [
+    ("call.wav", "must be a list of audio clips"),
+    ([[(np.zeros(SR, dtype=np.float32), "anger")], None], "without labels"),
+    ([[np.zeros(SR, dtype=np.float32)]], "one list of clips"),
+])
+def test_processor_refuses_bad_unlabelled_input(routed, unlabelled, message):
+    _, processor, _ = routed
+    queries = [synthetic_speech(0.9, seed=43), synthetic_speech(0.9, seed=44)]
+    with pytest.raises(ValueError, match=message):
+        processor(query=queries, unlabelled=unlabelled, sampling_rate=SR)
