@@ -334,6 +334,7 @@ class IclSerForConditionalGeneration(IclSerScoringMixin, IclSerSpeakerContextMix
         enrollment_context: Optional[torch.Tensor] = None,
         query_answers: Optional[list[list[int]]] = None,
         unlabelled_summaries: Optional[list] = None,
+        audio_statistics: Optional[list] = None,
     ) -> EmbeddedPrompt:
         """Prompt embeddings with the audio tokens in place, and what the read-out adds (see
         `EmbeddedPrompt`); its matching loss when `query_answers` (each row's query answer ids,
@@ -363,7 +364,7 @@ class IclSerForConditionalGeneration(IclSerScoringMixin, IclSerSpeakerContextMix
         if uses_rows:
             speaker_rows, labelled = self._speaker_rows(placeholders, hidden, hidden_mask, audio_label_ids, enrollment_context,
                                                         unlabelled_summaries)
-        shift, scale = self._audio_statistics(speaker_rows, hidden)
+        shift, scale = self._audio_statistics(speaker_rows, hidden, audio_statistics)
         audio_tokens = self.projector(hidden, hidden_mask, shift, scale)
         audio_tokens = audio_tokens * self._text_embedding_rms()
         if self.context_readout is not None:
@@ -384,18 +385,25 @@ class IclSerForConditionalGeneration(IclSerScoringMixin, IclSerSpeakerContextMix
         embeds = embeds.masked_scatter(placeholders[..., None], audio_tokens.to(embeds.dtype))
         return EmbeddedPrompt(embeds, readout_loss, row_readout, after, readout_loss_rows, speaker_rows)
 
-    def _audio_statistics(self, speaker_rows: Optional[list], hidden: torch.Tensor) -> tuple:
+    def _audio_statistics(self, speaker_rows: Optional[list], hidden: torch.Tensor,
+                          fixed: Optional[list] = None) -> tuple:
         """Per audio, its speaker's `(shift, scale)` for the projector (`speaker_normalized_audio_tokens`),
-        as `(n_audio, 2D)` tensors (zeros and ones for rows without statistics); `(None, None)` when off."""
+        as `(n_audio, 2D)` tensors (zeros and ones for rows without statistics); `(None, None)` when off.
+        `fixed` (per row None or a `(2, 2D)` tensor) replaces a row's statistics (a profile's, so the
+        query is normalized as its cached enrollment prefix was)."""
         if not self.config.speaker_normalized_audio_tokens or speaker_rows is None:
             return None, None
+        if fixed is not None and len(fixed) != len(speaker_rows):
+            raise ValueError(f"audio_statistics has {len(fixed)} entries for a batch of {len(speaker_rows)}; pass one "
+                             "(2, F) tensor or None per row.")
         width = 2 * hidden.shape[-1]
         shift = torch.zeros(hidden.shape[0], width, device=hidden.device)
         scale = torch.ones(hidden.shape[0], width, device=hidden.device)
-        for row in speaker_rows:
-            if row.statistics is not None:
+        for i, row in enumerate(speaker_rows):
+            statistics = row.statistics if fixed is None or fixed[i] is None else fixed[i]
+            if statistics is not None:
                 audios = torch.cat([row.queries, row.enrolled])
-                shift[audios], scale[audios] = row.statistics[0].to(shift.device), row.statistics[1].to(scale.device)
+                shift[audios], scale[audios] = statistics[0].to(shift.device), statistics[1].to(scale.device)
         return shift, scale
 
     @contextlib.contextmanager
@@ -464,6 +472,7 @@ class IclSerForConditionalGeneration(IclSerScoringMixin, IclSerSpeakerContextMix
         unlabelled_input_features: Optional[torch.Tensor] = None,
         unlabelled_feature_attention_mask: Optional[torch.Tensor] = None,
         unlabelled_row_index: Optional[torch.LongTensor] = None,
+        audio_statistics: Optional[list] = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""Language-model pass with the audio tokens spliced in.
@@ -504,6 +513,9 @@ class IclSerForConditionalGeneration(IclSerScoringMixin, IclSerSpeakerContextMix
             unlabelled_input_features / unlabelled_feature_attention_mask / unlabelled_row_index:
                 the same speech as audio features, as `processor(..., unlabelled=...)` returns
                 them (each clip's row in `unlabelled_row_index`), instead of `unlabelled_summaries`.
+            audio_statistics: Per row, None or a `(2, F)` tensor (shift; scale) that normalizes the
+                row's LM input instead of its speaker statistics (`speaker_normalized_audio_tokens`;
+                a speaker profile's, fixed when its prefix was cached).
 
         Raises:
             ValueError: placeholder count ≠ `num_audio_tokens` × number of audios, or both
@@ -521,7 +533,7 @@ class IclSerForConditionalGeneration(IclSerScoringMixin, IclSerSpeakerContextMix
                 answers = self._query_answers(labels)
             prompt = self._embed_with_audio(
                 input_ids, input_features, feature_attention_mask, audio_hidden_states, audio_hidden_mask,
-                audio_label_ids, enrollment_context, answers, unlabelled_summaries,
+                audio_label_ids, enrollment_context, answers, unlabelled_summaries, audio_statistics,
             )
         elif input_features is not None or audio_hidden_states is not None:
             raise ValueError("Audio inputs need input_ids (to find the placeholders), not inputs_embeds.")
@@ -604,7 +616,7 @@ class IclSerForConditionalGeneration(IclSerScoringMixin, IclSerSpeakerContextMix
         if not is_first_iteration and kwargs.get("use_cache", True):
             for key in ("input_features", "feature_attention_mask", "audio_hidden_states", "audio_hidden_mask",
                         "audio_label_ids", "enrollment_context", "unlabelled_summaries", "unlabelled_input_features",
-                        "unlabelled_feature_attention_mask", "unlabelled_row_index"):
+                        "unlabelled_feature_attention_mask", "unlabelled_row_index", "audio_statistics"):
                 kwargs.pop(key, None)
         return super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
 

@@ -35,6 +35,7 @@ from .recording_icl_ser import MIN_UNLABELLED, check_options, label_recording
 from .recording_outputs_icl_ser import plot_emotion_timeline
 from .segmentation_icl_ser import SileroVad
 from .speaker_check_icl_ser import load_speaker_encoder, speaker_embedding
+from .speaker_routes import speaker_statistics
 
 TASK = "icl-speech-emotion"
 # Per-call parameters: they describe one speaker, so they never belong to the constructor.
@@ -243,7 +244,7 @@ class IclSpeechEmotionPipeline(Pipeline):
         enrollment_labels = [label for _, label in context.enrollment]
         prefix = proc.prefix_ids(enrollment_labels, context.labels)
         inputs = {"input_ids": torch.tensor([prefix]), "attention_mask": torch.ones(1, len(prefix), dtype=torch.long)}
-        enrollment_context = None
+        enrollment_context = statistics = None
         with self.device_placement(), torch.no_grad():
             if context.enrollment:  # encoded once, for the prefix's cache and the read-out's memory
                 audio = self._ensure_tensor_on_device(
@@ -254,6 +255,9 @@ class IclSpeechEmotionPipeline(Pipeline):
                 label_ids = torch.from_numpy(proc.audio_label_ids([enrollment_labels])[:-1]).to(hidden.device)
                 enrollment_context = self.model.enrollment_context(
                     label_ids, audio_hidden_states=hidden, audio_hidden_mask=mask)
+                statistics = self._audio_statistics(hidden, mask, summaries)
+                if statistics is not None:  # the prefix's audio tokens, normalized as an inline call's
+                    inputs["audio_statistics"] = [statistics]
             out = self.model(**self._ensure_tensor_on_device(inputs, self.device), use_cache=True, logits_to_keep=1)
         cache = out.cache
         layers = getattr(cache, "layers", None)
@@ -269,7 +273,19 @@ class IclSpeechEmotionPipeline(Pipeline):
         return SpeakerProfile(labels=list(context.labels), enrollment_labels=enrollment_labels, prefix_ids=prefix,
                               model_fingerprint=self.model_fingerprint,
                               keys=[layer.keys for layer in layers], values=[layer.values for layer in layers],
-                              enrollment_context=enrollment_context, unlabelled=summaries, speaker_embeddings=voices)
+                              enrollment_context=enrollment_context, unlabelled=summaries, speaker_embeddings=voices,
+                              audio_statistics=statistics)
+
+    def _audio_statistics(self, hidden, mask, unlabelled) -> Optional[torch.Tensor]:
+        """`(2, F)` statistics of the enrollment frames plus `unlabelled` summaries that normalize a
+        profile's LM input (`speaker_normalized_audio_tokens`); None for other models."""
+        config = self.model.config
+        if not getattr(config, "speaker_normalized_audio_tokens", False):
+            return None
+        summaries = IclSerContextReadout.summarize(hidden, mask)
+        if unlabelled is not None:
+            summaries = torch.cat([summaries, unlabelled.to(summaries.device, summaries.dtype)])
+        return torch.stack(speaker_statistics(summaries, float(config.speaker_variance_floor)))
 
     # ------------------------------------------------------------------------ run
     def __call__(self, inputs, **kwargs):
@@ -497,6 +513,8 @@ class IclSpeechEmotionPipeline(Pipeline):
         inputs.update(audio_hidden_states=hidden, audio_hidden_mask=mask)
         if profile.enrollment_context is not None:
             inputs["enrollment_context"] = profile.enrollment_context.to(self.device)[None].expand(len(audios), -1, -1)
+        if profile.audio_statistics is not None:
+            inputs["audio_statistics"] = [profile.audio_statistics.to(self.device)] * len(audios)
         probs = self.model.classify(**inputs, **extra, cache=profile.cache(len(audios), self.device))
         return {"probs": probs.float()}
 

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from transformers.cache_utils import DynamicCache
 
 PROFILE_FORMAT = "icl_ser-speaker-profile-v1"
-_OPTIONAL_TENSORS = ("enrollment_context", "unlabelled", "speaker_embeddings")
+_OPTIONAL_TENSORS = ("enrollment_context", "unlabelled", "speaker_embeddings", "audio_statistics")
 
 
 @dataclass
@@ -42,6 +42,10 @@ class SpeakerProfile:
             normalization takes its statistics from the enrollment plus these; None when U = 0.
         speaker_embeddings: `(N, 256)` speaker-encoder embeddings of the enrollment and
             unlabelled clips (the target-speaker check's reference); None without the encoder.
+        audio_statistics: `(2, F)` shift and scale that normalized the cached prefix's audio
+            tokens (a model with `speaker_normalized_audio_tokens`: the enrollment plus the
+            unlabelled speech given to `enroll`); queries are normalized by the same ones, so
+            later unlabelled speech moves the routes' statistics, not the LM's input. None otherwise.
     """
 
     labels: list[str]
@@ -53,6 +57,7 @@ class SpeakerProfile:
     enrollment_context: Optional[torch.Tensor] = None
     unlabelled: Optional[torch.Tensor] = None
     speaker_embeddings: Optional[torch.Tensor] = None
+    audio_statistics: Optional[torch.Tensor] = None
 
     @property
     def num_enrollment(self) -> int:

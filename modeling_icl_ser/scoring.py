@@ -38,6 +38,7 @@ class IclSerScoringMixin:
         unlabelled_input_features: Optional[torch.Tensor] = None,
         unlabelled_feature_attention_mask: Optional[torch.Tensor] = None,
         unlabelled_row_index: Optional[torch.LongTensor] = None,
+        audio_statistics: Optional[list] = None,
         **unused,
     ) -> Union[torch.Tensor, dict]:
         """Closed-set probabilities of the candidate labels for each sample.
@@ -69,6 +70,8 @@ class IclSerScoringMixin:
                 of unlabelled speech of the row's speaker, added to its speaker statistics (see
                 `forward`); or that speech as the processor's `unlabelled_input_features`,
                 `unlabelled_feature_attention_mask` and `unlabelled_row_index`.
+            audio_statistics: Per row, None or the `(2, F)` statistics that normalize its LM input
+                (see `forward`).
 
         Returns:
             `(batch, n_labels)` probabilities (rows sum to 1), in the candidates' order: the LM's,
@@ -105,7 +108,8 @@ class IclSerScoringMixin:
             input_ids.shape[0])
         prompt = self._embed_with_audio(
             input_ids, input_features, feature_attention_mask, audio_hidden_states, audio_hidden_mask,
-            audio_label_ids, enrollment_context, unlabelled_summaries=unlabelled_summaries)
+            audio_label_ids, enrollment_context, unlabelled_summaries=unlabelled_summaries,
+            audio_statistics=audio_statistics)
         embeds, row_readout, readout_positions = prompt.embeds, prompt.readout, prompt.readout_positions
         candidate_embeds = self.get_input_embeddings()(cand_ids)
         if row_readout is not None:  # as on the answer tokens in training

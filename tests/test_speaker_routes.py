@@ -273,3 +273,28 @@ def test_speaker_normalized_audio_tokens_remove_a_speaker_offset_from_the_lm_inp
 def test_speaker_normalized_audio_tokens_need_speaker_normalization():
     with pytest.raises(ValueError, match="speaker_normalization=True"):
         IclSerConfig(speaker_normalized_audio_tokens=True, speaker_normalization=False)
+
+
+def test_profile_of_a_model_with_speaker_normalized_lm_input_matches_the_call(make_audio, tmp_path):
+    """The profile's cached prefix holds audio tokens normalized by the enrollment plus the
+    unlabelled speech given to `enroll`; its queries are normalized by the same statistics, so a
+    profiled query scores as the inline call with the same clips (also after save and load)."""
+    from modeling_icl_ser import SpeakerProfile
+
+    model, processor = tiny_icl_ser(seed=7, context_readout_heads=2, speaker_normalization=True, si_route=True,
+                                    speaker_normalized_audio_tokens=True)
+    model.config.route_weights = None  # the LM route alone: the one the prefix feeds
+    pipe = pipeline("icl-speech-emotion", model=model, processor=processor, device="cpu")
+    query, enrollment = make_audio(1.2, seed=43), _enrollment(make_audio, 3, seed=4)
+    unlabelled = [make_audio(0.9, seed=90 + j) for j in range(3)]
+    direct = {item["label"]: item["score"] for item in pipe(query, enrollment=enrollment, unlabelled=unlabelled,
+                                                               sampling_rate=SR)}
+    profile = pipe.enroll(enrollment, sampling_rate=SR, unlabelled=unlabelled)
+    assert profile.audio_statistics is not None and profile.audio_statistics.shape[0] == 2
+    profile.save(tmp_path / "p.safetensors")
+    for use in (profile, SpeakerProfile.load(tmp_path / "p.safetensors")):
+        via_profile = pipe(query, profile=use, sampling_rate=SR)
+        assert max(abs(direct[item["label"]] - item["score"]) for item in via_profile) < 1e-4
+    # Without the unlabelled clips the statistics, and so the LM's answer, differ.
+    plain = {item["label"]: item["score"] for item in pipe(query, enrollment=enrollment, sampling_rate=SR)}
+    assert max(abs(plain[label] - direct[label]) for label in plain) > 1e-4
