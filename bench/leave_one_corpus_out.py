@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,8 @@ def main() -> None:
     parser.add_argument("--corpora", default=None, help="Only these held-out corpora (comma-separated).")
     parser.add_argument("--n_bootstrap", type=int, default=1000)
     parser.add_argument("--output_dir", default="outputs/leave-one-corpus-out")
+    parser.add_argument("--model_card", default=None, help="Also put the tables into this model folder's card "
+                        "(README.md), as its leave-one-corpus-out evaluation block (e.g. outputs/real-speech/final).")
     args = parser.parse_args()
     run = Path(args.run)
     # The release run's corpora: its export's settings, or (while it still trains) its folds'.
@@ -126,7 +129,39 @@ def main() -> None:
     text = "\n".join(report) + "\n"
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.output_dir) / "summary.md").write_text(text)
+    if args.model_card:
+        write_card_block(Path(args.model_card) / "README.md", text)
     print(text)
+
+
+CARD_KEY = "leave one corpus out"
+
+
+def write_card_block(card: Path, text: str) -> None:
+    """Put ``text`` (headings one level down) into the card as its ``<!-- eval: leave one corpus out -->``
+    block: replacing that block, else after the last evaluation block, else in place of the
+    empty-evaluation placeholder. eval.py keeps every block when it rewrites the card. Written
+    to a temporary file, then renamed."""
+    if not card.is_file():
+        raise ValueError(f"--model_card: no model card at {card}; pass the exported model folder (with README.md).")
+    body = "\n".join(("#" + line) if line.startswith("#") else line for line in text.strip().splitlines())
+    block = (f"<!-- eval: {CARD_KEY} -->\n### Leave one corpus out: each fold model on a corpus it never heard\n\n"
+             "Fold models of this run (meta-trained without the corpus), route weights chosen on the other folds, "
+             f"conventional methods fitted on the other corpora (bench/leave_one_corpus_out.py).\n\n{body}\n<!-- /eval -->")
+    old = card.read_text(encoding="utf-8")
+    pattern = re.compile(rf"<!-- eval: {re.escape(CARD_KEY)} -->.*?<!-- /eval -->", flags=re.DOTALL)
+    if pattern.search(old):
+        new = pattern.sub(lambda _: block, old, count=1)
+    elif "<!-- /eval -->" in old:
+        head, _, tail = old.rpartition("<!-- /eval -->")
+        new = f"{head}<!-- /eval -->\n\n{block}{tail}"
+    elif "[No evaluation results recorded yet: run eval.py.]" in old:
+        new = old.replace("[No evaluation results recorded yet: run eval.py.]", block, 1)
+    else:
+        raise ValueError(f"{card} has no evaluation section to add the block to; rewrite it with eval.py --update_model_card.")
+    temporary = card.with_name(card.name + ".tmp")
+    temporary.write_text(new, encoding="utf-8")
+    temporary.replace(card)
 
 
 if __name__ == "__main__":
