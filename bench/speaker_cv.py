@@ -3,7 +3,8 @@ speakers held out as test speakers in turn, against the conventional methods fit
 
 For fold i of F, the test speakers are the corpus' sorted speakers i, i + F, i + 2F, ...
 train.py trains the recipe on every corpus of it with those speakers left out (``--test_speakers``;
-the other corpora keep all their speakers for training and validation), and eval.py scores the
+``--validation_per_fold`` of the rest validate, and the other corpora keep the validation speakers
+of the recipe's own split and train on all others), and eval.py scores the
 fold model on them (content-disjoint enrollment where the corpus has texts, the same queries at
 every K) beside the conventional methods fitted on the corpus' own training speakers. The
 summary is one table of UA per method and K, averaged over the folds (every speaker is a test
@@ -48,12 +49,34 @@ def fold_speakers(speakers: list[str], folds: int) -> list[list[str]]:
     return [speakers[i::folds] for i in range(folds)]
 
 
+def validation_speakers(speakers: list[str], test: list[str], n: int) -> list[str]:
+    """``n`` of the non-test speakers, spread over the sorted rest, for train.py's validation."""
+    rest = [s for s in sorted(speakers) if s not in set(test)]
+    if not 1 <= n < len(rest):
+        raise ValueError(f"--validation_per_fold must be in 1..{len(rest) - 1}, got {n}.")
+    return rest[:: max(len(rest) // n, 1)][:n]
+
+
+def other_validation_speakers(specs, corpus: str) -> list[str]:
+    """The other corpora's validation speakers of the recipe's own split (seed 0), so their
+    validation stays as in the release run (explicit speaker lists replace the fractions)."""
+    if len(specs) < 2:
+        return []
+    from dataset_builder import split_corpora
+    from dataset_builder.multi import corpus_of
+
+    table = read_corpora(specs)
+    return [s for s in split_corpora(table, specs, seed=0)["validation"] if corpus_of(s) != corpus]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="train.py's recipe (YAML), e.g. configs/real-speech.yaml")
     parser.add_argument("--corpus", default="ravdess", help="The corpus whose speakers are cross-validated.")
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--train_flags", default="", help="Extra train.py flags (after the recipe).")
+    parser.add_argument("--validation_per_fold", type=int, default=4,
+                        help="Non-test speakers of the corpus that train.py validates on in each fold.")
     parser.add_argument("--episodes_per_speaker", type=int, default=20)
     parser.add_argument("--k", type=int, nargs="+", default=[0, 1, 2, 4, 8])
     parser.add_argument("--output_dir", default="outputs/speaker-cv")
@@ -70,9 +93,12 @@ def main(argv=None) -> None:
     for i, test in enumerate(fold_speakers(speakers, args.folds)):
         run = out / f"fold{i}"
         if not (run / "final" / "config.json").is_file():
-            names = [namespaced(args.corpus, s) for s in test] if len(specs) > 1 else test
+            name = (lambda s: namespaced(args.corpus, s)) if len(specs) > 1 else (lambda s: s)
+            validation = [name(s) for s in validation_speakers(speakers, test, args.validation_per_fold)]
+            validation += other_validation_speakers(specs, args.corpus)
             subprocess.run([sys.executable, str(ROOT / "train.py"), args.config, *shlex.split(args.train_flags),
-                            "--test_speakers", *names, "--output_dir", str(run)], check=True, cwd=ROOT)
+                            "--test_speakers", *map(name, test), "--validation_speakers", *validation,
+                            "--output_dir", str(run)], check=True, cwd=ROOT)
         scored = run / "eval"
         if not (scored / "results.json").is_file():
             command = [sys.executable, str(ROOT / "eval.py"), "--model", str(run / "final"), "--corpus", args.corpus,

@@ -28,6 +28,10 @@ def test_folds_cover_every_speaker_once(speaker_cv):
     assert folds[0][:2] == ["Actor_01", "Actor_04"]  # sorted, then every third
     with pytest.raises(ValueError, match="2 speakers per fold"):
         speaker_cv.fold_speakers(speakers[:5], 3)
+    validation = speaker_cv.validation_speakers(speakers, folds[0], 4)
+    assert len(validation) == 4 and not set(validation) & set(folds[0])
+    with pytest.raises(ValueError, match="--validation_per_fold"):
+        speaker_cv.validation_speakers(speakers, folds[0], 16)
 
 
 def test_summary_averages_folds_and_compares_with_the_best_conventional(speaker_cv):
