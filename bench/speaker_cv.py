@@ -92,17 +92,17 @@ def main(argv=None) -> None:
     per_fold = []
     for i, test in enumerate(fold_speakers(speakers, args.folds)):
         run = out / f"fold{i}"
+        own_validation = validation_speakers(speakers, test, args.validation_per_fold)
         if not (run / "final" / "config.json").is_file():
             name = (lambda s: namespaced(args.corpus, s)) if len(specs) > 1 else (lambda s: s)
-            validation = [name(s) for s in validation_speakers(speakers, test, args.validation_per_fold)]
-            validation += other_validation_speakers(specs, args.corpus)
+            validation = [name(s) for s in own_validation] + other_validation_speakers(specs, args.corpus)
             subprocess.run([sys.executable, str(ROOT / "train.py"), args.config, *shlex.split(args.train_flags),
                             "--test_speakers", *map(name, test), "--validation_speakers", *validation,
                             "--output_dir", str(run)], check=True, cwd=ROOT)
         scored = run / "eval"
         if not (scored / "results.json").is_file():
             command = [sys.executable, str(ROOT / "eval.py"), "--model", str(run / "final"), "--corpus", args.corpus,
-                       "--data_dir", str(folder), "--test_speakers", *test,
+                       "--data_dir", str(folder), "--test_speakers", *test, "--validation_speakers", *own_validation,
                        "--episodes_per_speaker", str(args.episodes_per_speaker), "--k", *map(str, args.k),
                        "--output_dir", str(scored)]
             if args.corpus not in TEXTLESS_CORPORA:
