@@ -50,7 +50,7 @@ from modeling_icl_ser import IclSerDataCollator, save_with_pipeline
 from modeling_icl_ser.configuration_icl_ser import check_options, option_default
 from evaluation.episodic import EncodedUtterances, episode_example, native_bf16_available, predict_episodes
 from evaluation.metrics import unweighted_accuracy
-from evaluation.route_weights import ROUTE_NAMES, choose_route_weights, mixed_predictions
+from evaluation.route_weights import ROUTE_NAMES, choose_route_weights, mixture_ua
 from training.held_out_folds import run_held_out_folds
 
 logger = logging.getLogger("icl_ser.train")
@@ -505,8 +505,7 @@ def validate(model, collator, data: EpisodeData, accelerator, route_weight_step:
             for name in ROUTE_NAMES:
                 for k, by_route in routes.items():
                     if by_route.get(name) is not None:
-                        predicted = mixed_predictions(by_route, {name: 1.0})
-                        scores[f"route_{name}_ua_k{k}"] = unweighted_accuracy([data.labels[i] for i in predicted], truths[k])
+                        scores[f"route_{name}_ua_k{k}"] = mixture_ua(by_route, truths[k], data.labels, {name: 1.0})
             for prefix, chosen_weights in (("route_weight", weights), ("route_weight_k0", without)):
                 if chosen_weights is not None:
                     scores.update({f"{prefix}_{name}": float(chosen_weights.get(name, 0.0)) for name in ROUTE_NAMES})

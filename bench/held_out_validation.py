@@ -22,8 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evaluation.metrics import unweighted_accuracy  # noqa: E402
-from evaluation.route_weights import ROUTE_NAMES, mixed_predictions  # noqa: E402
+from evaluation.route_weights import ROUTE_NAMES, mixture_ua  # noqa: E402
 from training.held_out_folds import FOLD_SCORES, choose_out_of_domain_weights, load_fold_scores  # noqa: E402
 
 
@@ -40,7 +39,7 @@ def route_alone(routes: dict, name: str, truths, labels) -> float | None:
     """UA of one route alone, or None where it cannot score (the prototype route at K = 0)."""
     if routes.get(name) is None or np.isnan(routes[name]).all():
         return None
-    return unweighted_accuracy([labels[i] for i in mixed_predictions(routes, {name: 1.0})], list(truths))
+    return mixture_ua(routes, truths, labels, {name: 1.0})
 
 
 def nested_scores(folds: dict, step: float) -> dict[str, dict[int, dict[str, float | None]]]:
@@ -52,8 +51,7 @@ def nested_scores(folds: dict, step: float) -> dict[str, dict[int, dict[str, flo
         for k, routes in routes_by_k.items():
             if str(k) not in weights:
                 continue
-            row = {"mixture": unweighted_accuracy([labels[i] for i in mixed_predictions(routes, weights[str(k)])],
-                                                  list(truths_by_k[k]))}
+            row = {"mixture": mixture_ua(routes, truths_by_k[k], labels, weights[str(k)])}
             row.update({name: route_alone(routes, name, truths_by_k[k], labels) for name in ROUTE_NAMES})
             table[corpus][k] = {key: (None if value is None else 100 * value) for key, value in row.items()}
     return table
@@ -86,10 +84,8 @@ def main(argv=None) -> None:
     parser.add_argument("--route_weight_step", type=float, default=0.1)
     parser.add_argument("--output", type=Path, help="also write the table here.")
     args = parser.parse_args(argv)
-    missing = [str(run) for run in args.runs if not (run / "folds").is_dir()]
-    if missing:
-        raise ValueError(f"No folds/ in {missing}: pass release run folders trained with --route_weights_from held_out_corpora.")
-    text = markdown({str(run): nested_scores(load_folds(run), args.route_weight_step) for run in args.runs})
+    folds = {str(run): load_folds(run) for run in args.runs}  # every run checked before any is scored
+    text = markdown({run: nested_scores(run_folds, args.route_weight_step) for run, run_folds in folds.items()})
     print(text)
     if args.output:
         args.output.write_text(text, encoding="utf-8")

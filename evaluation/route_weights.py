@@ -98,7 +98,9 @@ def choose_route_weights(
     return weights, without, scores
 
 
-def _fold_ua(routes, truths, labels, weights) -> float:
+def mixture_ua(routes: Mapping[str, Optional[np.ndarray]], truths: Sequence[str], labels: Sequence[str],
+               weights: Mapping[str, float]) -> float:
+    """UA of the routes mixed by ``weights`` (``{name: 1.0}``: one route alone) against ``truths``."""
     return unweighted_accuracy([labels[i] for i in mixed_predictions(routes, weights)], list(truths))
 
 
@@ -131,7 +133,7 @@ def choose_route_weights_per_k(
                      and all(routes[k].get(name) is not None for routes, _, _ in folds)]
         best, best_scores = None, None
         for weights in weight_grid(available, step):
-            scores = [_fold_ua(routes[k], truths[k], labels, weights) for routes, truths, labels in folds]
+            scores = [mixture_ua(routes[k], truths[k], labels, weights) for routes, truths, labels in folds]
             if best_scores is None or np.mean(scores) > np.mean(best_scores) + 1e-12:
                 best, best_scores = weights, scores
         chosen[k], means[k], per_fold[k] = best, float(np.mean(best_scores)), [float(s) for s in best_scores]
